@@ -1,0 +1,153 @@
+"""Batched sampling with the KV cache, and turning token rows back into text.
+
+Shapes: B batch, P prompt tokens (left-padded), R response tokens (right-padded after EOS).
+
+A hand-written loop instead of `generate`: it samples from exactly `softmax(logits / temperature)`
+(no top-k of 50 sneaking in from a generation config, ppo-details 1), takes a seeded
+`torch.Generator`, and stops when every row has emitted EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import position_ids_from_mask
+
+
+def encode_prompts(
+    tokenizer, prompts: list[str], max_prompt_tokens: int | None = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt ids and mask; returns (ids (B, P), mask (B, P), number truncated).
+
+    Over-long prompts keep their last `max_prompt_tokens` tokens (the text nearest the response).
+    """
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    truncated = 0
+    if max_prompt_tokens is not None:
+        truncated = sum(len(r) > max_prompt_tokens for r in rows)
+        rows = [r[-max_prompt_tokens:] for r in rows]
+    P = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), P), pad, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)  # (B, P)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, P - len(row) :] = torch.tensor(row)
+            mask[i, P - len(row) :] = 1
+    return ids.to(device), mask.to(device), truncated
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)  # (B, V)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample_responses(
+    lm: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample continuations; returns response ids (B, R), pad after each row's first EOS."""
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    mask = prompt_mask.clone()  # (B, P)
+    out = lm(
+        input_ids=prompt_ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=True,
+    )
+    next_position = mask.sum(-1, keepdim=True)  # (B, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float() / temperature  # (B, V)
+        logits = _filter_logits(logits, top_k, top_p)
+        probs = logits.softmax(-1)  # (B, V)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)  # (B,)
+        tokens.append(token)
+        done = done | (token == eos_token_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        out = lm(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1)  # (B, R)
+
+
+def response_lengths(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length of each response including its first EOS, and whether it has one: (B,), (B,)."""
+    R = response_ids.shape[1]
+    is_eos = response_ids == eos_token_id  # (B, R)
+    ended = is_eos.any(-1)  # (B,)
+    first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, R, dtype=torch.long))
+    lengths = torch.where(ended, first + 1, first)  # (B,)
+    return lengths, ended
+
+
+def decode_responses(
+    tokenizer, response_ids: torch.Tensor, eos_token_id: int
+) -> tuple[list[str], list[bool]]:
+    """Text of each response up to (not including) its first EOS, and whether it ended."""
+    lengths, ended = response_lengths(response_ids, eos_token_id)
+    texts = []
+    for row, n, e in zip(response_ids.tolist(), lengths.tolist(), ended.tolist()):
+        body = row[: n - 1] if e else row[:n]
+        texts.append(tokenizer.decode(body, skip_special_tokens=True).strip())
+    return texts, ended.tolist()
+
+
+@torch.no_grad()
+def sample_texts(
+    lm: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> tuple[list[str], list[bool]]:
+    """Convenience wrapper: prompts in, (response texts, ended flags) out."""
+    texts, ended = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids, mask, _ = encode_prompts(tokenizer, chunk, device=device)
+        out = sample_responses(
+            lm,
+            ids,
+            mask,
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            temperature=temperature,
+            generator=generator,
+        )
+        t, e = decode_responses(tokenizer, out, tokenizer.eos_token_id)
+        texts += t
+        ended += e
+    return texts, ended

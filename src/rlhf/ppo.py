@@ -1,0 +1,451 @@
+"""PPO against a reward model with a KL penalty to a frozen reference (the seed's task 3).
+
+Shapes: B rollout batch, M minibatch, P prompt tokens (left-padded), R response tokens
+(right-padded after EOS), V vocabulary.
+
+One PPO step is a row of named phases:
+    rollout -> forward passes (policy, value, reference) -> score -> kl_penalised_rewards
+    -> gae -> whiten -> ppo_epochs
+Item numbers in comments refer to ../shared/reference/ppo-details.md (in the repository's docs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .core import (
+    compute_gae,
+    compute_kl_penalty,
+    entropy_from_logits,
+    explained_variance,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    response_mask_from_eos,
+    value_loss,
+)
+from .errors import ConfigError, RLHFError
+from .generation import decode_responses, encode_prompts, sample_responses
+from .models import PolicyWithValueHead, RewardModel, final_hidden_states, position_ids_from_mask
+
+KLEstimatorChoice = Literal["k1", "k2", "k3", "exact"]
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of the PPO update (defaults follow lm-human-preferences and TRL)."""
+
+    steps: int = 100
+    """PPO steps (each: one rollout batch, then several epochs of updates on it)"""
+    batch_size: int = 64
+    """prompts per rollout batch"""
+    minibatch_size: int = 64
+    """sequences per gradient step; must divide --batch-size"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch (ppo-details 19)"""
+    response_tokens: int = 24
+    """longest response, in tokens"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs use the same temperature (ppo-details 1)"""
+    top_k: int = 0
+    """sample only from the k likeliest tokens (0: off, the default for PPO)"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0: off, the default for PPO)"""
+    lr: float = 3e-5
+    """AdamW learning rate"""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """constant, or linear decay to zero over --steps (ppo-details 21)"""
+    kl_coef: float = 0.1
+    """KL penalty coefficient beta (initial value when --adaptive-kl)"""
+    kl_estimator: KLEstimatorChoice = "k1"
+    """per-token KL: k1, k2, k3 (Schulman 2020) on sampled tokens, or exact from full logits"""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """put the KL penalty in the per-token reward (InstructGPT) or in the loss (GRPO-style, use k3)"""
+    adaptive_kl: bool = False
+    """adapt beta toward --target-kl (Ziegler et al. 2019)"""
+    target_kl: float = 6.0
+    """target KL for --adaptive-kl, nats per sequence (summed over tokens)"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive controller, in samples"""
+    gamma: float = 1.0
+    """discount (ppo-details 15)"""
+    lam: float = 0.95
+    """GAE lambda (ppo-details 15)"""
+    clip_eps: float = 0.2
+    """policy ratio clip range"""
+    value_clip_eps: float = 0.2
+    """value clip range around the rollout values (ppo-details 18)"""
+    vf_coef: float = 0.1
+    """value loss weight"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    whiten_rewards: bool = False
+    """whiten per-token rewards before GAE (off by default, ppo-details 16)"""
+    missing_eos_penalty: float | None = None
+    """replace the score of responses that never emit EOS with this value (lm-human-preferences used -1)"""
+    value_model: Literal["shared", "reward"] = "shared"
+    """value head on the policy's trunk, or a separate value network initialised from the reward model"""
+    seed: int = 0
+    """seed for prompts, sampling and minibatch order"""
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "response_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size % self.minibatch_size:
+            raise ConfigError(
+                f"--minibatch-size {self.minibatch_size} must divide --batch-size {self.batch_size} "
+                f"(for example --minibatch-size {_largest_divisor(self.batch_size, self.minibatch_size)})"
+            )
+        if self.kl_coef < 0:
+            raise ConfigError(f"--kl-coef must be >= 0, got {self.kl_coef}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.lr <= 0 or self.clip_eps <= 0 or self.value_clip_eps <= 0:
+            raise ConfigError("--lr, --clip-eps and --value-clip-eps must be positive")
+        if self.adaptive_kl and self.target_kl <= 0:
+            raise ConfigError(f"--target-kl must be positive, got {self.target_kl}")
+        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
+            raise ConfigError("--gamma and --lam must be between 0 and 1")
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+
+    KL is per sequence (summed over response tokens), in nats, averaged over the batch.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        super().__init__(kl_coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+
+class ValueModel(nn.Module):
+    """A separate value network: a copy of the reward model's trunk and head, read at every token."""
+
+    def __init__(self, reward_model: RewardModel):
+        super().__init__()
+        import copy
+
+        self.lm = copy.deepcopy(reward_model.base_model)
+        self.value_head = copy.deepcopy(reward_model.reward_head)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = final_hidden_states(self.lm, input_ids, attention_mask)  # (B, T, H)
+        return self.value_head(hidden).squeeze(-1)  # (B, T)
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything PPO computes from it (all detached)."""
+
+    query_response: torch.Tensor  # (B, P+R) prompt then response token ids
+    attention_mask: torch.Tensor  # (B, P+R) 1 on real prompt tokens and response tokens up to EOS
+    response_mask: torch.Tensor  # (B, R) float, 1 up to and including the first EOS
+    logprobs: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    values: torch.Tensor  # (B, R)
+    scores: torch.Tensor  # (B,) reward-model score (after any missing-EOS penalty)
+    kl: torch.Tensor  # (B, R) per-token KL estimate, 0 after EOS
+    rewards: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R) whitened
+    returns: torch.Tensor  # (B, R)
+    prompts: list[str]
+    texts: list[str]
+    ended: list[bool]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()  # dropout off (ppo-details 2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class PPOTrainer:
+    """Holds the models, the optimizer, the KL controller and the config; `step(prompts)` runs PPO.
+
+    `policy` is a Hugging Face causal LM (wrapped with a zero-initialised value head) or a
+    `PolicyWithValueHead`; `ref_model` is the frozen reference (the SFT model); `reward_model` is a
+    `RewardModel`. `reward_tokenizer` is needed only when it differs from `tokenizer`.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        ref_model: nn.Module,
+        reward_model: RewardModel,
+        tokenizer,
+        config: PPOConfig | None = None,
+        reward_tokenizer=None,
+        gold_judge=None,
+    ):
+        self.config = config or PPOConfig()
+        self.config.validate()
+        cfg = self.config
+        self.policy = policy if isinstance(policy, PolicyWithValueHead) else PolicyWithValueHead(policy)
+        self.policy.eval()  # dropout off in the policy too; eval() does not stop gradients
+        self.device = next(self.policy.parameters()).device
+        self.ref_model = _freeze(ref_model)
+        self.reward_model = _freeze(reward_model)
+        self.tokenizer = tokenizer
+        self.reward_tokenizer = reward_tokenizer or getattr(reward_model, "tokenizer", None) or tokenizer
+        self.same_tokenizer = self.reward_tokenizer is tokenizer or (
+            self.reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+        )
+        self.gold_judge = gold_judge
+        self.value_model = ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
+        if cfg.kl_in == "loss" and cfg.kl_estimator == "exact":
+            raise ConfigError("--kl-estimator exact works only with --kl-in reward; use k3 for a KL loss")
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.value_model is not None:
+            params += list(self.value_model.parameters())
+        self.params = params
+        # eps 1e-5 as in lm-human-preferences' Adam.
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+        total = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+        decay = (lambda s: max(0.0, 1.0 - s / total)) if cfg.lr_schedule == "linear" else (lambda s: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+            if cfg.adaptive_kl
+            else FixedKLController(cfg.kl_coef)
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.cpu_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step_count = 0
+
+    # ----- forward passes ------------------------------------------------------------------
+    def _autocast(self):
+        from .loading import autocast
+
+        return autocast(self.device)
+
+    def _policy_forward(self, ids, mask, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature-scaled logits (B, R, V) over the response positions and values (B, R)."""
+        with self._autocast():
+            logits, values = self.policy(ids, mask)  # (B, P+R, V), (B, P+R)
+            if self.value_model is not None:
+                values = self.value_model(ids, mask)  # (B, P+R)
+        # The logits at position P-1+t predict response token t; the value there is V(s_t).
+        logits = logits[:, P - 1 : -1].float() / self.config.temperature  # (B, R, V)
+        return logits, values[:, P - 1 : -1].float()  # (B, R, V), (B, R)
+
+    @torch.no_grad()
+    def _ref_logits(self, ids, mask, P: int) -> torch.Tensor:
+        with self._autocast():
+            logits = self.ref_model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+            ).logits  # (B, P+R, V)
+        return logits[:, P - 1 : -1].float() / self.config.temperature  # (B, R, V)
+
+    @torch.no_grad()
+    def _score(self, prompts, texts, query_response, attention_mask, lengths, ended, P: int) -> torch.Tensor:
+        """Reward-model score of each sequence, read at its EOS (ppo-details 7, 10)."""
+        if not self.same_tokenizer:
+            from .reward import score_texts
+
+            return score_texts(self.reward_model, self.reward_tokenizer, prompts, texts).to(self.device)
+        # Rows that never emitted EOS get one appended: the reward model was trained on sequences
+        # that end in EOS, and --missing-eos-penalty handles truncation explicitly.
+        B = query_response.shape[0]
+        eos = self.tokenizer.eos_token_id
+        ids = torch.cat([query_response, torch.full((B, 1), self.tokenizer.pad_token_id, device=self.device)], 1)
+        mask = torch.cat([attention_mask, torch.zeros((B, 1), dtype=attention_mask.dtype, device=self.device)], 1)
+        rows = torch.arange(B, device=self.device)[~ended]  # (B',)
+        ids[rows, P + lengths[~ended]] = eos
+        mask[rows, P + lengths[~ended]] = 1
+        with self._autocast():
+            return self.reward_model(ids, mask).float()  # (B,)
+
+    # ----- phases 1-6: rollout to advantages --------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> Rollout:
+        cfg, tok = self.config, self.tokenizer
+        timings = {}
+        t0 = time.perf_counter()
+        prompt_ids, prompt_mask, _ = encode_prompts(tok, prompts, device=self.device)  # (B, P)
+        P = prompt_ids.shape[1]
+        with self._autocast():
+            response = sample_responses(
+                self.policy.lm, prompt_ids, prompt_mask, cfg.response_tokens, tok.eos_token_id,
+                tok.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, self.generator,
+            )  # fmt: skip
+        R = response.shape[1]
+        response_mask = response_mask_from_eos(response, tok.eos_token_id)  # (B, R)
+        lengths = response_mask.sum(1).long()  # (B,)
+        ended = (response == tok.eos_token_id).any(1)  # (B,)
+        query_response = torch.cat([prompt_ids, response], 1)  # (B, P+R)
+        attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)  # (B, P+R)
+        texts, ended_list = decode_responses(tok, response, tok.eos_token_id)
+        timings["time/generate_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        logits, values = self._policy_forward(query_response, attention_mask, P)  # (B, R, V), (B, R)
+        logprobs = logprobs_from_logits(logits, response)  # (B, R)
+        ref_logits = self._ref_logits(query_response, attention_mask, P)  # (B, R, V)
+        ref_logprobs = logprobs_from_logits(ref_logits, response)  # (B, R)
+        timings["time/forward_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        scores = self._score(prompts, texts, query_response, attention_mask, lengths, ended, P)  # (B,)
+        if cfg.missing_eos_penalty is not None:  # ppo-details 6
+            scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        timings["time/score_s"] = time.perf_counter() - t0
+
+        # Per-token KL penalty and the score at the last response token (ppo-details 10, 11).
+        if cfg.kl_estimator == "exact":
+            kl = compute_kl_penalty(logits, ref_logits, response_mask)  # (B, R)
+        else:
+            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * response_mask  # (B, R)
+        beta = self.kl_ctl.value
+        rewards = -beta * kl if cfg.kl_in == "reward" else torch.zeros_like(kl)  # (B, R)
+        rewards[torch.arange(len(prompts), device=self.device), lengths - 1] += scores
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+        values = values * response_mask  # (B, R)
+        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, R) x2
+        advantages = masked_whiten(advantages, response_mask)  # (B, R), ppo-details 16
+        del R
+        return Rollout(
+            query_response, attention_mask, response_mask, logprobs, ref_logprobs, values, scores, kl,
+            rewards, advantages, returns, list(prompts), texts, ended_list, timings,
+        )  # fmt: skip
+
+    # ----- phase 7: PPO epochs over minibatches -------------------------------------------
+    def update(self, b: Rollout) -> dict[str, float]:
+        cfg = self.config
+        B = b.query_response.shape[0]
+        P = b.query_response.shape[1] - b.response_mask.shape[1]
+        response = b.query_response[:, P:]  # (B, R)
+        totals: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=self.cpu_generator).to(self.device)  # (B,)
+            for start in range(0, B, cfg.minibatch_size):
+                mb = order[start : start + cfg.minibatch_size]  # (M,)
+                mb_mask = b.response_mask[mb]  # (M, R)
+                logits, mb_values = self._policy_forward(b.query_response[mb], b.attention_mask[mb], P)
+                mb_logprobs = logprobs_from_logits(logits, response[mb])  # (M, R)
+                pg_loss, pg_stats = policy_loss(mb_logprobs, b.logprobs[mb], b.advantages[mb], mb_mask, cfg.clip_eps)
+                vf_loss, vf_stats = value_loss(
+                    mb_values, b.values[mb], b.returns[mb], mb_mask, cfg.value_clip_eps
+                )
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if cfg.kl_in == "loss":  # ppo-details 13
+                    kl_term = masked_mean(kl_estimate(mb_logprobs, b.ref_logprobs[mb], cfg.kl_estimator), mb_mask)
+                    loss = loss + self.kl_ctl.value * kl_term
+                self._check_finite(loss, "loss")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self._check_finite(grad_norm, "gradient norm")
+                self.optimizer.step()
+                self.scheduler.step()
+                with torch.no_grad():
+                    stats = {
+                        "loss/policy": pg_loss.item(),
+                        "loss/value": vf_loss.item(),
+                        "policy/approxkl": pg_stats["approxkl"].item(),
+                        "policy/clipfrac": pg_stats["clipfrac"].item(),
+                        "policy/ratio": pg_stats["ratio"].item(),
+                        "policy/entropy": masked_mean(entropy_from_logits(logits), mb_mask).item(),
+                        "val/clipfrac": vf_stats["vf_clipfrac"].item(),
+                        "policy/grad_norm": grad_norm.item(),
+                    }
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                if n_updates == 0:
+                    totals["policy/first_ratio"] = pg_stats["ratio"].item()
+                n_updates += 1
+        return {k: (v if k == "policy/first_ratio" else v / n_updates) for k, v in totals.items()}
+
+    def _check_finite(self, value: torch.Tensor, name: str) -> None:
+        if not torch.isfinite(value).all():
+            raise NonFiniteError(
+                f"step {self.step_count + 1}: the {name} is not finite; no weights were changed by this "
+                "minibatch (try a lower --lr, or check the reward model's scores)"
+            )
+
+    def step(self, prompts: list[str]) -> dict[str, float]:
+        """One PPO step on these prompts; returns the step's metrics."""
+        from .text_stats import distinct_n, mean_repetition
+
+        start = time.perf_counter()
+        beta = self.kl_ctl.value
+        b = self.rollout(prompts)
+        if not torch.isfinite(b.scores).all():
+            raise NonFiniteError(f"step {self.step_count + 1}: the reward model returned a non-finite score")
+        t0 = time.perf_counter()
+        stats = self.update(b)
+        stats["time/update_s"] = time.perf_counter() - t0
+        with torch.no_grad():
+            kl_k1 = ((b.logprobs - b.ref_logprobs) * b.response_mask).sum(1)  # (B,) nats per sequence
+            kl_seq = kl_k1.mean().item()
+            reward = b.scores.mean().item()
+            metrics = {
+                "objective/reward": reward,
+                "objective/kl": kl_seq,
+                "objective/kl_penalty": (b.kl.sum(1)).mean().item(),
+                "objective/combined": reward - beta * kl_seq,
+                "objective/kl_coef": beta,
+                "objective/score_std": b.scores.std().item() if len(prompts) > 1 else 0.0,
+                "val/explained_variance": explained_variance(b.values, b.returns, b.response_mask).item(),
+                "val/mean": masked_mean(b.values, b.response_mask).item(),
+                "text/response_tokens": b.response_mask.sum(1).mean().item(),
+                "text/eos_rate": sum(b.ended) / len(b.ended),
+                "text/distinct_2": distinct_n(b.texts, 2),
+                "text/repetition": mean_repetition(b.texts, 1),
+                "lr": self.scheduler.get_last_lr()[0],
+            }
+        if self.gold_judge is not None:
+            gold = self.gold_judge.score_batch(b.prompts, b.texts, b.ended)
+            metrics["objective/gold"] = sum(gold) / len(gold)
+            self.last_gold = gold
+        self.kl_ctl.update(kl_seq, len(prompts))
+        self.step_count += 1
+        metrics.update(stats)
+        metrics.update(b.timings)
+        metrics["time/step_s"] = time.perf_counter() - start
+        self.last_rollout = b
+        return metrics
+
+
+class NonFiniteError(RLHFError):
+    """A loss, reward or gradient became NaN or infinite."""

@@ -1,0 +1,446 @@
+"""Preference data and reward-model training (the seed's tasks 1 and 2).
+
+Shapes: B pairs, T tokens.
+
+`create_preference_dataset` samples two responses per prompt from the base model and lets the gold
+judge choose, through Bradley-Terry sampling (P(A preferred) = sigmoid((gold_A - gold_B) / t)) to
+imitate human disagreement, or deterministically with t = 0. `train_reward` fits a `RewardModel`
+with the Bradley-Terry loss and normalises it on samples from the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .core import bradley_terry_loss
+from .data import PreferencePair, atomic_write_json, read_preferences, write_preferences
+from .errors import ConfigError
+from .models import RewardModel
+from .tracking import RunLogger, progress_bar, save_config, set_seed
+
+
+@dataclass
+class RewardConfig:
+    """Options of `rlhf train-reward`."""
+
+    out: str = "runs/reward"
+    """output folder: reward model, config.json, metrics.jsonl, reward_eval.json"""
+    data: str | None = None
+    """preference JSONL ({prompt, response_A, response_B, preference} or {prompt, chosen, rejected}); default: generated from the built-in task"""
+    model: str | None = None
+    """Hugging Face model folder to start the reward model from; default: the built-in base model"""
+    n_pairs: int = 6000
+    """pairs to generate for the built-in task"""
+    label_temperature: float = 0.05
+    """Bradley-Terry temperature of the simulated labeller (0: always pick the higher gold score)"""
+    response_tokens: int = 40
+    """longest sampled response when generating pairs, in tokens"""
+    eval_fraction: float = 0.1
+    """share of pairs held out for evaluation"""
+    epochs: int = 3
+    """passes over the training pairs"""
+    batch_size: int = 64
+    """pairs per optimizer step"""
+    lr: float = 1e-3
+    """AdamW learning rate (linear decay to zero)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    freeze_base: bool = False
+    """train only the scalar head (fast, but a small LM's last hidden state barely encodes sentiment)"""
+    max_length: int = 256
+    """longest tokenised prompt + response; longer ones are truncated from the left with a warning"""
+    normalise_samples: int = 512
+    """base-model samples used to set the reward's gain and bias (mean 0, std 1); 0 turns it off"""
+    seed: int = 0
+    """seed for sampling, splitting, initialisation and batches"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    cache_dir: str | None = None
+    """where the built-in base model is cached (default $RLHF_CACHE_DIR, $XDG_CACHE_HOME/rlhf or ~/.cache/rlhf)"""
+    trust_remote_code: bool = False
+    """allow model folders to run their own Python code (only for models you trust)"""
+
+    def validate(self) -> None:
+        for name in ("n_pairs", "response_tokens", "epochs", "batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.label_temperature < 0:
+            raise ConfigError(f"--label-temperature must be >= 0, got {self.label_temperature}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.normalise_samples < 0:
+            raise ConfigError(f"--normalise-samples must be >= 0, got {self.normalise_samples}")
+
+
+def join_text(prompt: str, response: str) -> str:
+    """Prompt and response as one text; a space goes between them unless one side has it."""
+    if not prompt or prompt[-1].isspace() or response[:1].isspace():
+        return prompt + response
+    return prompt + " " + response
+
+
+def _default_task(cache_dir=None, progress=True):
+    from .loading import load_causal_lm, load_tokenizer
+    from .task.default import base_model_dir
+
+    directory = base_model_dir(cache_dir=cache_dir, progress=progress)
+    return load_causal_lm(directory), load_tokenizer(directory), directory
+
+
+def create_preference_dataset(
+    model=None,
+    tokenizer=None,
+    prompts: Sequence[str] | None = None,
+    n_pairs: int = 2000,
+    judge=None,
+    label_temperature: float = 0.05,
+    response_tokens: int = 40,
+    seed: int = 0,
+    cache_dir=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Two sampled responses per prompt, labelled by the gold judge.
+
+    With no arguments it uses the built-in task: its base model, its training prompts and its gold
+    judge. Records follow the seed's format, `{"prompt", "response_A", "response_B", "preference"}`,
+    plus the judge's scores `gold_A` and `gold_B` (which readers ignore) for evaluation.
+    `label_temperature=0` labels deterministically (ties go to A).
+    """
+    from .generation import sample_texts
+    from .task import corpus
+    from .task.gold import GoldJudge
+
+    if model is None or tokenizer is None:
+        model, tokenizer, _ = _default_task(cache_dir, progress)
+    judge = judge or GoldJudge()
+    if prompts is None:
+        # 10% spare: pairs with two identical (or empty) responses carry no preference and are dropped.
+        prompts = corpus.prompts(n_pairs + n_pairs // 10 + 8, seed=seed, split="train")
+    prompts = list(prompts)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    doubled = [p for p in prompts for _ in range(2)]
+    texts, ended = sample_texts(model, tokenizer, doubled, response_tokens, generator=generator, device=device)
+    gold = judge.score_batch(doubled, texts, ended)
+    rng = random.Random(seed)
+    records = []
+    for i, prompt in enumerate(prompts):
+        a, b = 2 * i, 2 * i + 1
+        if len(records) == n_pairs:
+            break
+        if texts[a] == texts[b] or not texts[a].strip() or not texts[b].strip():
+            continue
+        diff = gold[a] - gold[b]
+        if label_temperature == 0:
+            prefer_a = diff >= 0
+        else:
+            prefer_a = rng.random() < 1.0 / (1.0 + math.exp(-max(min(diff / label_temperature, 50), -50)))
+        records.append(
+            {
+                "prompt": prompt,
+                "response_A": texts[a],
+                "response_B": texts[b],
+                "preference": "A" if prefer_a else "B",
+                "gold_A": round(gold[a], 6),
+                "gold_B": round(gold[b], 6),
+            }
+        )
+    return records
+
+
+def _encode(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of prompt + response + EOS, truncated from the left; returns (rows, number truncated)."""
+    eos = tokenizer.eos_token_id
+    rows, truncated = [], 0
+    for ids in tokenizer([join_text(p, r) for p, r in zip(prompts, responses)])["input_ids"]:
+        ids = ids + [eos]
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[-max_length:]
+        rows.append(ids)
+    return rows, truncated
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _preference_targets(preference, n: int, device) -> torch.Tensor:
+    """Probability that A is preferred, per pair: from "A"/"B" labels or a tensor."""
+    if isinstance(preference, torch.Tensor):
+        return preference.float().to(device).reshape(n)
+    labels = [preference] * n if isinstance(preference, str) else list(preference)
+    if any(lab not in ("A", "B") for lab in labels):
+        raise ValueError(f"preference must be 'A' or 'B', got {labels!r}")
+    return torch.tensor([1.0 if lab == "A" else 0.0 for lab in labels], device=device)
+
+
+def reward_model_loss(
+    reward_model: RewardModel,
+    prompt,
+    response_A,
+    response_B,
+    preference,
+    margin=None,
+    tokenizer=None,
+) -> torch.Tensor:
+    """Bradley-Terry loss -log sigmoid(r_preferred - r_other - margin), averaged over pairs.
+
+    Text form (the seed's): `prompt`, `response_A`, `response_B` are strings or equal-length lists
+    of strings, `preference` is "A"/"B" or a list of them; the reward model's tokenizer (or
+    `tokenizer`) encodes prompt + response + EOS. Token form: `prompt` is None and `response_A`,
+    `response_B` are `(input_ids, attention_mask)` pairs of whole sequences; `preference` may also be
+    a tensor of probabilities that A is preferred (soft labels).
+    """
+    if prompt is None:
+        ids_a, mask_a = response_A
+        ids_b, mask_b = response_B
+    else:
+        tokenizer = tokenizer or reward_model.tokenizer
+        if tokenizer is None:
+            raise ValueError("text inputs need a tokenizer: pass tokenizer= or set reward_model.tokenizer")
+        single = isinstance(response_A, str)
+        prompts = [prompt] if single else list(prompt)
+        resp_a = [response_A] if single else list(response_A)
+        resp_b = [response_B] if single else list(response_B)
+        if not len(prompts) == len(resp_a) == len(resp_b):
+            raise ValueError("prompt, response_A and response_B must have the same length")
+        device = reward_model.reward_head.weight.device
+        rows_a, _ = _encode(tokenizer, prompts, resp_a, tokenizer.model_max_length)
+        rows_b, _ = _encode(tokenizer, prompts, resp_b, tokenizer.model_max_length)
+        ids_a, mask_a = _pad(rows_a, tokenizer.pad_token_id, device)
+        ids_b, mask_b = _pad(rows_b, tokenizer.pad_token_id, device)
+    n = ids_a.shape[0]
+    r_a = reward_model(ids_a, mask_a)  # (B,)
+    r_b = reward_model(ids_b, mask_b)  # (B,)
+    p_a = _preference_targets(preference, n, r_a.device)  # (B,)
+    if bool(((p_a == 0) | (p_a == 1)).all()):
+        chosen = torch.where(p_a > 0.5, r_a, r_b)  # (B,)
+        rejected = torch.where(p_a > 0.5, r_b, r_a)  # (B,)
+        return bradley_terry_loss(chosen, rejected, margin)
+    if margin is not None:
+        raise ValueError("a margin needs hard labels (preference 'A'/'B' or 0/1)")
+    # Soft labels: cross-entropy against P(A preferred), both orderings weighted.
+    log_p_a = torch.nn.functional.logsigmoid(r_a - r_b)  # (B,)
+    log_p_b = torch.nn.functional.logsigmoid(r_b - r_a)  # (B,)
+    return -(p_a * log_p_a + (1 - p_a) * log_p_b).mean()
+
+
+@dataclass
+class _Pairs:
+    """Preference pairs as parallel lists; `gold_*` is None when the data has no gold judge."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    margins: list[float | None]
+    gold_chosen: list[float] | None = None
+    gold_rejected: list[float] | None = None
+
+    def subset(self, index: list[int]) -> _Pairs:
+        pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
+        return _Pairs(
+            pick(self.prompts), pick(self.chosen), pick(self.rejected), pick(self.margins),
+            pick(self.gold_chosen), pick(self.gold_rejected),
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _pairs_from_records(records: list[dict]) -> _Pairs:
+    pairs = _Pairs([], [], [], [], [], [])
+    for r in records:
+        a_wins = r["preference"] == "A"
+        pairs.prompts.append(r["prompt"])
+        pairs.chosen.append(r["response_A"] if a_wins else r["response_B"])
+        pairs.rejected.append(r["response_B"] if a_wins else r["response_A"])
+        pairs.margins.append(None)
+        pairs.gold_chosen.append(r["gold_A"] if a_wins else r["gold_B"])
+        pairs.gold_rejected.append(r["gold_B"] if a_wins else r["gold_A"])
+    return pairs
+
+
+def _pairs_from_file(items: list[PreferencePair]) -> _Pairs:
+    return _Pairs(
+        [p.prompt for p in items], [p.chosen for p in items], [p.rejected for p in items],
+        [p.margin for p in items],
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def score_texts(
+    reward_model: RewardModel, tokenizer, prompts: list[str], responses: list[str],
+    max_length: int = 256, batch_size: int = 128, raw: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Reward of each prompt + response + EOS, shape (N,)."""
+    device = reward_model.reward_head.weight.device
+    rows, _ = _encode(tokenizer, prompts, responses, max_length)
+    scores = []
+    forward = reward_model.raw_forward if raw else reward_model
+    for s in range(0, len(rows), batch_size):
+        ids, mask = _pad(rows[s : s + batch_size], tokenizer.pad_token_id, device)
+        scores.append(forward(ids, mask).float())
+    return torch.cat(scores)  # (N,)
+
+
+def evaluate_reward_model(reward_model: RewardModel, tokenizer, pairs: _Pairs, max_length: int) -> dict:
+    """Held-out accuracy (against the noiseless gold ordering when there is one), loss and margin."""
+    was_training = reward_model.training
+    reward_model.eval()
+    r_c = score_texts(reward_model, tokenizer, pairs.prompts, pairs.chosen, max_length)  # (N,)
+    r_r = score_texts(reward_model, tokenizer, pairs.prompts, pairs.rejected, max_length)  # (N,)
+    reward_model.train(was_training)
+    diff = r_c - r_r  # (N,)
+    result = {
+        "n_pairs": len(pairs),
+        "label_accuracy": (diff > 0).float().mean().item(),
+        "loss": bradley_terry_loss(r_c, r_r).item(),
+        "margin": diff.mean().item(),
+    }
+    if pairs.gold_chosen is not None:
+        gold_diff = torch.tensor(pairs.gold_chosen) - torch.tensor(pairs.gold_rejected)  # (N,)
+        decided = gold_diff != 0
+        agree = torch.sign(diff.cpu()) == torch.sign(gold_diff)
+        result["accuracy"] = agree[decided].float().mean().item()
+        result["n_gold_decided"] = int(decided.sum())
+    else:
+        result["accuracy"] = result["label_accuracy"]
+    return result
+
+
+def label_ceiling(pairs: _Pairs) -> float | None:
+    """How often the (sampled) labels agree with the gold ordering, over pairs whose gold differs."""
+    if pairs.gold_chosen is None:
+        return None
+    decided = [(c, r) for c, r in zip(pairs.gold_chosen, pairs.gold_rejected) if c != r]
+    return sum(c > r for c, r in decided) / max(1, len(decided))
+
+
+def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
+    """Train, normalise, evaluate and save a reward model; returns the evaluation dict."""
+
+    from .generation import sample_texts
+    from .loading import autocast, load_causal_lm, load_tokenizer, match_vocab, pick_device
+
+    cfg.validate()
+    set_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    start = time.perf_counter()
+    out = Path(cfg.out)
+
+    # 1. Validate the inputs before any work: the data file first, then the model folder.
+    file_pairs = read_preferences(cfg.data) if cfg.data else None
+    if cfg.model:
+        lm = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        match_vocab(lm, tokenizer, cfg.model)
+    else:
+        lm, tokenizer, _ = _default_task(cfg.cache_dir, progress)
+    lm.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(out, cfg)
+
+    # 2. Preference pairs: the user's file, or sampled from the base model and labelled by the judge.
+    if file_pairs is not None:
+        pairs = _pairs_from_file(file_pairs)
+    else:
+        records = create_preference_dataset(
+            lm, tokenizer, n_pairs=cfg.n_pairs, label_temperature=cfg.label_temperature,
+            response_tokens=cfg.response_tokens, seed=cfg.seed, progress=progress,
+        )  # fmt: skip
+        write_preferences(out / "preferences.jsonl", records)
+        pairs = _pairs_from_records(records)
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(round(cfg.eval_fraction * len(pairs))))
+    if len(pairs) - n_eval < 1:
+        raise ConfigError(f"{cfg.data}: {len(pairs)} pairs leave none for training after the held-out split")
+    eval_pairs, train_pairs = pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
+    chosen_rows, n_trunc = _encode(tokenizer, train_pairs.prompts, train_pairs.chosen, cfg.max_length)
+    rejected_rows, n_trunc_r = _encode(tokenizer, train_pairs.prompts, train_pairs.rejected, cfg.max_length)
+    if n_trunc + n_trunc_r:
+        print(f"warning: truncated {n_trunc + n_trunc_r} sequences longer than --max-length {cfg.max_length} tokens")
+
+    # 3. Bradley-Terry training of a copy of the base model with a fresh scalar head.
+    reward_model = RewardModel(copy.deepcopy(lm), freeze_base=cfg.freeze_base, tokenizer=tokenizer).to(device)
+    params = [p for p in reward_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    margins = torch.tensor([m if m is not None else 0.0 for m in train_pairs.margins])
+    has_margin = any(m is not None for m in train_pairs.margins)
+    bar = progress_bar(total=total_steps, desc="train reward model", disable=not progress)
+    step = 0
+    with RunLogger(out) as logger:
+        for epoch in range(cfg.epochs):
+            reward_model.train()
+            perm = torch.randperm(len(train_pairs), generator=generator).tolist()
+            for s in range(0, len(perm), cfg.batch_size):
+                idx = perm[s : s + cfg.batch_size]
+                rows = [chosen_rows[i] for i in idx] + [rejected_rows[i] for i in idx]
+                ids, mask = _pad(rows, tokenizer.pad_token_id, device)  # (2B, T)
+                with autocast(device):
+                    rewards = reward_model(ids, mask).float()  # (2B,)
+                r_c, r_r = rewards[: len(idx)], rewards[len(idx) :]  # (B,), (B,)
+                margin = margins[idx].to(device) if has_margin else None
+                loss = bradley_terry_loss(r_c, r_r, margin)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                metrics = {
+                    "reward/loss": loss.item(),
+                    "reward/accuracy": (r_c > r_r).float().mean().item(),
+                    "reward/margin": (r_c - r_r).mean().item(),
+                    "reward/lr": scheduler.get_last_lr()[0],
+                    "reward/epoch": epoch + s / len(perm),
+                }
+                logger.log(step, metrics)
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['reward/loss']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+            held_out = evaluate_reward_model(reward_model, tokenizer, eval_pairs, cfg.max_length)
+            logger.log(step, {"reward/eval_accuracy": held_out["accuracy"], "reward/eval_loss": held_out["loss"]})
+            bar.write(f"epoch {epoch + 1}/{cfg.epochs}: held-out accuracy {held_out['accuracy']:.3f}")
+    bar.close()
+    reward_model.eval()
+
+    # 4. Normalise: samples from the base (reference) policy score mean 0, std 1 (ppo-details 9).
+    if cfg.normalise_samples:
+        norm_prompts = [pairs.prompts[i % len(pairs)] for i in order[: cfg.normalise_samples]]
+        norm_prompts += norm_prompts[: cfg.normalise_samples - len(norm_prompts)]
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        texts, _ = sample_texts(lm, tokenizer, norm_prompts, cfg.response_tokens, generator=gen, device=device)
+        raw = score_texts(reward_model, tokenizer, norm_prompts, texts, cfg.max_length, raw=True)
+        reward_model.set_normalisation(raw)
+
+    # 5. Evaluate on the held-out pairs and save.
+    result = evaluate_reward_model(reward_model, tokenizer, eval_pairs, cfg.max_length)
+    result["ceiling"] = label_ceiling(train_pairs)
+    result["n_train_pairs"] = len(train_pairs)
+    result["gain"] = float(reward_model.reward_gain)
+    result["bias"] = float(reward_model.reward_bias)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    reward_model.save_pretrained(out / "reward_model")
+    atomic_write_json(out / "reward_eval.json", result)
+    return result

@@ -1,0 +1,99 @@
+"""Run bookkeeping: seeds, the resolved config beside the outputs, and metric logs.
+
+Metrics go to `metrics.jsonl` (one flushed line per step, so a killed run keeps what it logged) and
+to TensorBoard event files. Plots read `metrics.jsonl` after the run, never the live loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import JsonlWriter, atomic_write_json
+
+
+def set_seed(seed: int) -> None:
+    """One seed fixes Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> None:
+    """Write the resolved config (a dataclass, or dataclasses in a dict) as `config.json`."""
+
+    def plain(obj):
+        if dataclasses.is_dataclass(obj):
+            return dataclasses.asdict(obj)
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        return obj
+
+    from . import __version__
+
+    payload = plain(config)
+    payload = dict(payload) if isinstance(payload, dict) else {"config": payload}
+    payload["_environment"] = {
+        "rlhf": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        **(extra or {}),
+    }
+    atomic_write_json(Path(out_dir) / "config.json", payload)
+
+
+class RunLogger:
+    """Append metrics to `metrics.jsonl` and, optionally, TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, append: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = JsonlWriter(self.out_dir / "metrics.jsonl", append=append)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step}
+        for key, value in metrics.items():
+            value = float(value)
+            row[key] = value if math.isfinite(value) else None
+            if self._tb is not None and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+        self._jsonl.write(row)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar that redraws at most once a second when stderr is not a terminal (CI logs)."""
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 5.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)

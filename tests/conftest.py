@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny tokenizer and tiny GPT-2 / Llama models saved to temporary folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+TINY_TEXTS = [
+    "the acting was superb and the story was moving .",
+    "the plot was dull and the ending felt weak .",
+    "this phone is great . the battery lasts all day .",
+    "the headphones broke after a week . i want a refund .",
+    "i watched this film and i loved every minute of it .",
+    "the blender is loud but it works well .",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from rlhf.task.tokenizer import train_tokenizer
+
+    return train_tokenizer(TINY_TEXTS, vocab_size=300)
+
+
+def make_tiny_lm(tokenizer, arch: str = "gpt2", seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "gpt2":
+        config = GPT2Config(
+            n_positions=128, n_embd=32, n_layer=2, n_head=2,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, **common,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_lm(tiny_tokenizer):
+    return make_tiny_lm(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny GPT-2 and its tokenizer saved in Hugging Face format."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_tiny_lm(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

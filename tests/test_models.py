@@ -1,0 +1,136 @@
+"""RewardModel: pooling, padding invariance, freezing, head init, save/load; the BT loss by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from rlhf.models import PolicyWithValueHead, RewardModel, last_token_index, position_ids_from_mask
+from rlhf.reward import reward_model_loss
+
+
+def _pad(rows, pad_id, side):
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def test_last_token_index_and_positions():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 3, 0]
+    assert last_token_index(left).tolist() == [3, 3, 3]
+    assert position_ids_from_mask(left).tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_reward_is_the_same_under_left_and_right_padding(tiny_tokenizer, arch):
+    from conftest import make_tiny_lm
+
+    rm = RewardModel(make_tiny_lm(tiny_tokenizer, arch)).eval()
+    rows = [tiny_tokenizer(t)["input_ids"] for t in ["the plot was dull .", "great", "the phone is great ."]]
+    alone = torch.cat([rm(torch.tensor([r])) for r in rows])  # no padding at all
+    for side in ("left", "right"):
+        ids, mask = _pad(rows, tiny_tokenizer.pad_token_id, side)
+        assert rm(ids, mask).shape == (3,)
+        torch.testing.assert_close(rm(ids, mask), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_head_init_and_hidden_size(tiny_lm):
+    d = tiny_lm.config.n_embd
+    torch.manual_seed(0)
+    rm = RewardModel(tiny_lm)
+    assert rm.reward_head.in_features == d == 32
+    assert torch.all(rm.reward_head.bias == 0)
+    # std of N(0, 1/sqrt(d+1)) is 1/sqrt(33) = 0.174; 32 samples, generous bounds
+    assert 0.08 < rm.reward_head.weight.std().item() < 0.3
+
+
+def test_frozen_base_gets_no_gradient(tiny_lm, tiny_tokenizer):
+    rm = RewardModel(tiny_lm, freeze_base=True, tokenizer=tiny_tokenizer)
+    loss = reward_model_loss(rm, "the plot was", "superb .", "dull .", "A")
+    loss.backward()
+    assert all(p.grad is None for p in rm.base_model.parameters())
+    assert rm.reward_head.weight.grad is not None and rm.reward_head.weight.grad.abs().sum() > 0
+
+
+def test_unfrozen_base_gets_gradient(tiny_lm, tiny_tokenizer):
+    rm = RewardModel(tiny_lm, freeze_base=False, tokenizer=tiny_tokenizer)
+    reward_model_loss(rm, ["a", "b"], ["superb .", "ok ."], ["dull .", "bad ."], ["A", "B"]).backward()
+    grads = [p.grad for p in rm.base_model.transformer.h[0].parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+class OneHotLM(nn.Module):
+    """A stand-in base model whose last hidden state is the one-hot of the token id, so the head's
+    weight vector is simply a table of reward per final token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.config = SimpleNamespace(hidden_size=vocab)
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return SimpleNamespace(last_hidden_state=nn.functional.one_hot(input_ids, self.vocab).float())
+
+
+def _table_reward_model(table):
+    rm = RewardModel(OneHotLM(len(table)))
+    with torch.no_grad():
+        rm.reward_head.weight.copy_(torch.tensor([table]))
+        rm.reward_head.bias.zero_()
+    return rm
+
+
+def test_bradley_terry_loss_by_hand():
+    rm = _table_reward_model([0.0, 1.0, 2.0])  # reward = 0, 1 or 2 by the last real token
+    a = _pad([[1, 2], [1, 1, 1]], 0, "right")  # last tokens 2 and 1 -> rewards 2, 1
+    b = _pad([[2, 1, 1], [2, 0]], 0, "right")  # last tokens 1 and 0 -> rewards 1, 0
+    # pair 1: A preferred, r_A - r_B = 1 -> -log sigmoid(1) = log(1 + e^-1) = 0.31326
+    # pair 2: B preferred, r_B - r_A = 0 - 1 = -1 -> -log sigmoid(-1) = log(1 + e) = 1.31326
+    loss = reward_model_loss(rm, None, a, b, ["A", "B"])
+    assert loss.item() == pytest.approx((0.31326 + 1.31326) / 2, abs=1e-5)
+    # a margin of 1 on pair 1: -log sigmoid(1 - 1) = log 2 = 0.69315
+    single_a = (a[0][:1], a[1][:1])
+    single_b = (b[0][:1], b[1][:1])
+    assert reward_model_loss(rm, None, single_a, single_b, "A", margin=1.0).item() == pytest.approx(
+        math.log(2), abs=1e-6
+    )
+    # soft label P(A)=0.5 on pair 1: 0.5 * 0.31326 + 0.5 * 1.31326 = 0.81326
+    soft = reward_model_loss(rm, None, single_a, single_b, torch.tensor([0.5]))
+    assert soft.item() == pytest.approx(0.81326, abs=1e-5)
+
+
+def test_normalisation_gives_mean_zero_std_one(tiny_lm):
+    rm = RewardModel(tiny_lm)
+    raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    rm.set_normalisation(raw)
+    normalised = rm.reward_gain * raw + rm.reward_bias
+    assert normalised.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert normalised.std().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_reward_model_round_trip(tmp_path, tiny_lm, tiny_tokenizer):
+    rm = RewardModel(tiny_lm, tokenizer=tiny_tokenizer).eval()
+    rm.set_normalisation(torch.tensor([0.5, 1.5, 2.0]))
+    rm.save_pretrained(tmp_path / "rm")
+    loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    ids, mask = _pad([tiny_tokenizer("the plot was dull .")["input_ids"]], tiny_tokenizer.pad_token_id, "right")
+    torch.testing.assert_close(loaded(ids, mask), rm(ids, mask))
+
+
+def test_value_head_starts_at_zero(tiny_lm, tiny_tokenizer):
+    policy = PolicyWithValueHead(tiny_lm)
+    ids, mask = _pad([[5, 6, 7], [8, 9]], tiny_tokenizer.pad_token_id, "left")
+    logits, values = policy(ids, mask)
+    assert logits.shape == (2, 3, len(tiny_tokenizer)) and values.shape == (2, 3)
+    assert torch.all(values == 0)

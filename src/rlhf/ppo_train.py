@@ -167,7 +167,7 @@ def train_ppo(
             postfix = {"reward": f"{metrics['objective/reward']:.2f}", "kl": f"{metrics['objective/kl']:.2f}"}
             if "objective/gold" in metrics:
                 postfix["gold"] = f"{metrics['objective/gold']:.2f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)
             if step % cfg.sample_every == 0 or step == cfg.steps - 1:
                 _write_samples(samples, step, trainer)
             if on_step is not None:

@@ -418,7 +418,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
                 }
                 logger.log(step, metrics)
                 bar.update()
-                bar.set_postfix(loss=f"{metrics['reward/loss']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}")
+                bar.set_postfix(loss=f"{metrics['reward/loss']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}", refresh=False)
             held_out = evaluate_reward_model(reward_model, tokenizer, eval_pairs, cfg.max_length)
             logger.log(step, {"reward/eval_accuracy": held_out["accuracy"], "reward/eval_loss": held_out["loss"]})
             bar.write(f"epoch {epoch + 1}/{cfg.epochs}: held-out accuracy {held_out['accuracy']:.3f}")

@@ -169,7 +169,7 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     train_seconds = time.perf_counter() - start
 

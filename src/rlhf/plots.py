@@ -1,0 +1,482 @@
+"""Figures from logged metrics: read `metrics.jsonl` after a run, never from inside the loop.
+
+- `plot_reward_kl_tradeoff`: the reward / KL trade-off of one PPO run, three panels on one step
+  axis: the reward model's (proxy) score with the gold score, the KL to the reference, and the
+  objective PPO maximises, reward - beta * KL.
+- `plot_runs`: several runs on the same axes, one panel per metric (the reward-hacking figure).
+- `plot_diagnostics`: PPO's health signals (approx. KL, clip fraction, entropy, losses, explained
+  variance).
+- `plot_run_dir`: what `rlhf plot RUN_DIR` writes.
+
+Smoothing. Every series is drawn twice: the logged per-step values as a thin translucent line, and
+an exponential moving average on top, debiased like TensorBoard's smoothing slider:
+`s_t = w * s_{t-1} + (1 - w) * x_t`, shown as `s_t / (1 - w^t)` so the first steps are not pulled
+towards zero. `smooth="auto"` picks `w = n / (n + 20)` for a series of n points, a time constant of
+about 5% of the run (w = 0.71 for 50 steps, 0.98 for 1000); a float in [0, 1) sets w; 0 or None
+draws the raw values only. Null (non-finite) values are skipped, in both lines.
+
+Figures are `matplotlib.figure.Figure` objects, never pyplot's global state, so nothing leaks
+between calls and no display backend is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from .data import atomic_write, read_jsonl
+from .errors import input_error
+
+History = Sequence[Mapping[str, Any]]
+Source = str | Path | History
+
+REQUIRED = ("objective/reward", "objective/kl")
+DIAGNOSTICS = (
+    "policy/approxkl",
+    "policy/clipfrac",
+    "policy/entropy",
+    "loss/policy",
+    "loss/value",
+    "val/explained_variance",
+)
+DPI = 140
+
+# One colour per quantity, the same in every figure.
+COLORS = {
+    "objective/reward": "#1f77b4",  # blue: the proxy the policy optimises
+    "objective/gold": "#2ca02c",  # green: what we actually wanted
+    "objective/kl": "#d62728",  # red: distance from the reference
+    "penalty": "#ff7f0e",  # orange: beta * KL, in reward units
+    "objective/combined": "#7b3fa0",  # purple: reward - beta * KL
+}
+DIAGNOSTIC_COLOR = "#3a6f8f"
+
+# Display name and y-axis label (with units) of each metric.
+METRICS = {
+    "objective/reward": ("proxy reward (reward model)", "mean RM score (normalised)"),
+    "objective/gold": ("gold score", "mean gold score"),
+    "objective/kl": ("KL(π ‖ π_ref)", "nats per sequence"),
+    "objective/kl_penalty": ("KL penalty (estimator)", "nats per sequence"),
+    "objective/combined": ("combined: reward − β·KL", "reward units"),
+    "objective/kl_coef": ("KL coefficient β", "β"),
+    "policy/approxkl": ("approx. KL (old → new policy)", "nats per token"),
+    "policy/clipfrac": ("clip fraction", "fraction of tokens"),
+    "policy/entropy": ("policy entropy", "nats per token"),
+    "loss/policy": ("policy loss", "loss"),
+    "loss/value": ("value loss", "loss"),
+    "val/explained_variance": ("value explained variance", "1 - Var(R - V) / Var(R)"),
+    "text/distinct_2": ("distinct bigrams", "distinct-2 (fraction)"),
+    "text/repetition": ("repetition", "repeated-word rate"),
+}
+_LOG_CANDIDATES = ("objective/kl", "objective/kl_penalty", "policy/approxkl")
+_RUN_COLORS = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#7b3fa0",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+)
+
+
+def _name(key: str) -> str:
+    return METRICS.get(key, (key, ""))[0]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_history(source: Source, required: Sequence[str] = REQUIRED) -> list[dict[str, Any]]:
+    """Metrics rows from a run folder, a `metrics.jsonl` path, or a list of dicts.
+
+    Every row needs a numeric "step" and the `required` keys (their values may be null). Rows come
+    back sorted by step; when a step was logged twice (a resumed run), the later row wins.
+    """
+    return _load(source, required)[0]
+
+
+def _load(source: Source, required: Sequence[str] = REQUIRED) -> tuple[list[dict[str, Any]], str]:
+    """(rows, the name to show in titles and errors)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            if not (path / "metrics.jsonl").is_file():
+                raise input_error(
+                    path, "has no metrics.jsonl; give the output folder of `rlhf ppo`"
+                )
+            path = path / "metrics.jsonl"
+        rows, where = read_jsonl(path), path
+        name = path.resolve().parent.name if path.name == "metrics.jsonl" else path.stem
+    elif isinstance(source, Sequence) and all(isinstance(r, Mapping) for r in source):
+        rows, where, name = [dict(r) for r in source], "<history>", ""
+        if not rows:
+            raise input_error(where, "has no records")
+    else:
+        raise TypeError(
+            f"expected a run folder, a metrics.jsonl path or a list of dicts, got {type(source)}"
+        )
+    by_step: dict[float, dict[str, Any]] = {}
+    for i, row in enumerate(rows, 1):
+        for key in ("step", *required):
+            if key not in row:
+                raise input_error(
+                    where, f"missing in record {i} (is this a PPO metrics log?)", field=key
+                )
+        step = row["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+            raise input_error(where, f"record {i}: expected a number, got {step!r}", field="step")
+        by_step[step] = row
+    return [by_step[s] for s in sorted(by_step)], name
+
+
+def _series(rows: History, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of `key` where it is a finite number; missing and null values are skipped."""
+    pairs = [
+        (r["step"], float(v))
+        for r in rows
+        if isinstance(v := r.get(key), (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    ]
+    if not pairs:
+        return np.empty(0), np.empty(0)
+    steps, values = zip(*pairs)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _has(rows: History, key: str) -> bool:
+    return _series(rows, key)[0].size > 0
+
+
+# ---------------------------------------------------------------- drawing helpers
+
+
+def ema(values: Sequence[float], smooth: float | str | None = "auto") -> np.ndarray:
+    """Debiased exponential moving average of `values` (see the module docstring for `smooth`)."""
+    x = np.asarray(values, dtype=float)
+    w = _weight(smooth, len(x))
+    out, s = np.empty_like(x), 0.0
+    for t, v in enumerate(x, 1):
+        s = w * s + (1 - w) * v
+        out[t - 1] = s / (1 - w**t)
+    return out
+
+
+def _weight(smooth: float | str | None, n: int) -> float:
+    if smooth is None:
+        return 0.0
+    if smooth == "auto":
+        return n / (n + 20)
+    if isinstance(smooth, str) or not 0 <= smooth < 1:
+        raise ValueError(f"smooth must be 'auto', None or a number in [0, 1), got {smooth!r}")
+    return float(smooth)
+
+
+def _draw(ax: Axes, x, y, color: str, label: str, smooth, style: str = "-") -> Line2D:
+    """Raw values thin and translucent, EMA on top; returns the line for the legend."""
+    if _weight(smooth, len(y)) == 0:
+        (raw,) = ax.plot(x, y, style, color=color, lw=1.6, label=f"{label} (raw)")
+        return raw
+    ax.plot(x, y, style, color=color, lw=0.8, alpha=0.35, label=f"{label} (raw)")
+    (line,) = ax.plot(x, ema(y, smooth), style, color=color, lw=2.0, label=label)
+    return line
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    with matplotlib.rc_context(
+        {
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.titleweight": "bold",
+            "axes.labelsize": 10,
+            "legend.fontsize": 9,
+            "legend.framealpha": 0.85,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "grid.linewidth": 0.6,
+        }
+    ):
+        yield
+
+
+def _grid(n: int) -> tuple[int, int]:
+    return (1, n) if n <= 3 else (2, 2) if n == 4 else (math.ceil(n / 3), 3)
+
+
+def _save(fig: Figure, path: str | Path | None) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=DPI)
+
+
+# ---------------------------------------------------------------- the trade-off figure
+
+
+def _beta(rows: History, kl_coef: float | None) -> tuple[float | None, str]:
+    """(a constant beta or None, how to describe it in the title)."""
+    if kl_coef is not None:
+        return float(kl_coef), f"β = {kl_coef:g}"
+    _, betas = _series(rows, "objective/kl_coef")
+    if betas.size == 0:
+        return None, "β not logged"
+    if np.allclose(betas, betas[0], rtol=1e-6, atol=0):
+        return float(betas[0]), f"β = {betas[0]:g}"
+    return None, f"adaptive β: {betas[0]:.3g} → {betas[-1]:.3g}"
+
+
+def _combined(rows: History, kl_coef: float | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """reward - beta * KL per step: from `kl_coef` if given, else as logged, else from logged beta."""
+    if kl_coef is None and _has(rows, "objective/combined"):
+        return _series(rows, "objective/combined")
+    steps, values = [], []
+    for r in rows:
+        beta = kl_coef if kl_coef is not None else r.get("objective/kl_coef")
+        parts = (r.get("objective/reward"), r.get("objective/kl"), beta)
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in parts):
+            steps.append(r["step"])
+            values.append(parts[0] - parts[2] * parts[1])
+    if not steps and not any(_has(rows, k) for k in ("objective/kl_coef", "objective/combined")):
+        raise input_error(
+            where, "has neither objective/combined nor objective/kl_coef; pass kl_coef="
+        )
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def plot_reward_kl_tradeoff(
+    training_history: Source,
+    path: str | Path | None = None,
+    kl_coef: float | None = None,
+    title: str | None = None,
+    smooth: float | str | None = "auto",
+) -> Figure:
+    """Reward, KL and reward - beta * KL against PPO step, three panels; saved to `path` if given.
+
+    `training_history` is a run folder, a `metrics.jsonl` path or a list of metric dicts. The
+    combined objective is the logged `objective/combined` (which uses each step's beta, adaptive
+    or not); passing `kl_coef` recomputes it as reward - kl_coef * KL with that constant instead.
+    """
+    rows, name = _load(training_history)
+    beta, beta_text = _beta(rows, kl_coef)
+    with _style():
+        fig = Figure(figsize=(8.5, 9), layout="constrained")
+        ax_r, ax_kl, ax_c = fig.subplots(3, 1, sharex=True)
+
+        # (1) what the policy optimises, and what we wanted
+        handles = []
+        for key in ("objective/reward", "objective/gold"):
+            x, y = _series(rows, key)
+            if y.size:
+                handles.append(_draw(ax_r, x, y, COLORS[key], _name(key), smooth))
+        ax_r.set_ylabel("mean score per response")
+        if _has(rows, "objective/gold"):
+            ax_r.set_title("Reward: proxy (reward model) vs gold", loc="left")
+            _mark_gold_peak(ax_r, rows, smooth)
+        else:
+            ax_r.set_title("Reward: reward-model score (proxy)", loc="left")
+        ax_r.legend(handles, [h.get_label() for h in handles], loc="best")
+
+        # (2) the price: distance from the reference policy
+        x, y = _series(rows, "objective/kl")
+        handles = (
+            [_draw(ax_kl, x, y, COLORS["objective/kl"], _name("objective/kl"), smooth)]
+            if y.size
+            else []
+        )
+        ax_kl.set_ylabel("KL (nats per sequence)")
+        ax_kl.set_title("Price: KL to the reference policy", loc="left")
+        if beta is not None and beta > 0:
+            sec = ax_kl.secondary_yaxis("right", functions=(lambda k: k * beta, lambda p: p / beta))
+            sec.set_ylabel(f"penalty β·KL (reward units, β = {beta:g})", color=COLORS["penalty"])
+            sec.tick_params(axis="y", colors=COLORS["penalty"])
+        elif beta is None and _has(rows, "objective/kl_coef"):
+            twin = ax_kl.twinx()
+            twin.grid(False)
+            xp, yp = _penalty(rows)
+            handles.append(_draw(twin, xp, yp, COLORS["penalty"], "penalty β·KL", smooth, "--"))
+            twin.set_ylabel("penalty β·KL (reward units)", color=COLORS["penalty"])
+            twin.spines["right"].set_visible(True)
+        if handles:
+            ax_kl.legend(handles, [h.get_label() for h in handles], loc="best")
+
+        # (3) the objective PPO maximises
+        x, y = _combined(rows, kl_coef, name or "<history>")
+        line = _draw(ax_c, x, y, COLORS["objective/combined"], _name("objective/combined"), smooth)
+        ax_c.set_ylabel("reward units")
+        ax_c.set_title("Objective PPO maximises: reward − β·KL", loc="left")
+        ax_c.set_xlabel("PPO step")
+        ax_c.legend([line], [line.get_label()], loc="best")
+
+        head = title or f"{name + ': ' if name else ''}reward vs KL trade-off ({beta_text})"
+        fig.suptitle(head, fontsize=13, fontweight="bold")
+        w = _weight(smooth, len(rows))
+        note = f"thin: per-step values; thick: EMA, weight {w:.2f}" if w else "per-step values"
+        caption = (
+            f"{note}. KL = Σ (log π − log π_ref) over the response tokens, mean over responses."
+        )
+        fig.supxlabel(caption, fontsize=8.5, color="0.35")
+    _save(fig, path)
+    return fig
+
+
+def _penalty(rows: History) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [
+        (r["step"], r["objective/kl_coef"] * r["objective/kl"])
+        for r in rows
+        if all(isinstance(r.get(k), (int, float)) for k in ("objective/kl_coef", "objective/kl"))
+    ]
+    steps, values = zip(*pairs) if pairs else ((), ())
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _mark_gold_peak(ax: Axes, rows: History, smooth) -> None:
+    """Annotate where the smoothed gold score peaked, if it fell clearly after: reward hacking."""
+    x, y = _series(rows, "objective/gold")
+    s = ema(y, smooth) if _weight(smooth, len(y)) else y
+    i = int(np.argmax(s))
+    if len(s) < 5 or s[i] - s[-1] <= 0.1 * (s.max() - s.min()) or s.max() == s.min():
+        return
+    ax.axvline(x[i], color=COLORS["objective/gold"], lw=0.9, ls=":", alpha=0.8)
+    ax.annotate(
+        f"gold peaks (step {x[i]:g})",
+        (x[i], s[i]),
+        xytext=(6, 8),
+        textcoords="offset points",
+        fontsize=8.5,
+        color=COLORS["objective/gold"],
+    )
+
+
+# ---------------------------------------------------------------- several runs, diagnostics
+
+
+def plot_runs(
+    histories: Mapping[str, Source],
+    path: str | Path | None = None,
+    metrics: Sequence[str] = (
+        "objective/reward",
+        "objective/gold",
+        "objective/kl",
+        "text/distinct_2",
+    ),
+    title: str | None = None,
+    smooth: float | str | None = "auto",
+    log_kl: bool | str = "auto",
+) -> Figure:
+    """Several runs on shared axes, one panel per metric, one colour per run (legend below).
+
+    A metric no run logged is skipped. KL panels switch to a symlog y-axis when the runs' KL
+    scales differ by more than 30x (`log_kl="auto"`; True forces it, False never).
+    """
+    if not histories:
+        raise ValueError("plot_runs needs at least one run")
+    runs = {label: _load(src, required=())[0] for label, src in histories.items()}
+    shown = [m for m in metrics if any(_has(rows, m) for rows in runs.values())]
+    if not shown:
+        raise input_error("<runs>", f"none of the runs logged any of {', '.join(metrics)}")
+    nrows, ncols = _grid(len(shown))
+    with _style():
+        fig = Figure(figsize=(4.6 * ncols + 0.6, 3.4 * nrows + 0.9), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, squeeze=False)).ravel()
+        handles: dict[str, Line2D] = {}
+        for ax, key in zip(axes, shown):
+            scales = []
+            for (label, rows), color in zip(runs.items(), _cycle(len(runs))):
+                x, y = _series(rows, key)
+                if y.size:
+                    handles[label] = _draw(ax, x, y, color, label, smooth)
+                    scales.append(float(np.abs(y).max()))
+            title_text, ylabel = METRICS.get(key, (key, ""))
+            if key in _LOG_CANDIDATES and _wants_log(scales, log_kl):
+                ax.set_yscale("symlog", linthresh=_linthresh(scales))
+                ylabel = f"{ylabel}, symlog scale" if ylabel else "symlog scale"
+            ax.set_title(title_text, loc="left")
+            ax.set_ylabel(ylabel)
+        for ax in axes[len(shown) :]:
+            ax.set_visible(False)
+        for ax in axes[max(0, len(shown) - ncols) : len(shown)]:
+            ax.set_xlabel("PPO step")
+            ax.xaxis.set_tick_params(labelbottom=True)
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncols=min(len(handles), 4), frameon=False, fontsize=10)  # fmt: skip
+        if title:
+            fig.suptitle(title, fontsize=13, fontweight="bold")
+    _save(fig, path)
+    return fig
+
+
+def _cycle(n: int) -> list[str]:
+    return [_RUN_COLORS[i % len(_RUN_COLORS)] for i in range(n)]
+
+
+def _wants_log(scales: list[float], log_kl: bool | str) -> bool:
+    if log_kl != "auto":
+        return bool(log_kl)
+    positive = [s for s in scales if s > 0]
+    return len(positive) > 1 and max(positive) > 30 * min(positive)
+
+
+def _linthresh(scales: list[float]) -> float:
+    """Linear below a tenth of the smallest run's scale, rounded down to a power of ten."""
+    smallest = min((s for s in scales if s > 0), default=1.0)
+    return max(10 ** math.floor(math.log10(smallest / 10)), 1e-4)
+
+
+def plot_diagnostics(
+    training_history: Source, path: str | Path | None = None, smooth: float | str | None = "auto"
+) -> Figure | None:
+    """PPO's health signals (`DIAGNOSTICS`), the logged ones only; None if none was logged."""
+    rows, name = _load(training_history, required=())
+    shown = [k for k in DIAGNOSTICS if _has(rows, k)]
+    if not shown:
+        return None
+    nrows, ncols = (2, 3) if len(shown) > 3 else (1, len(shown))
+    with _style():
+        fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.6), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, squeeze=False)).ravel()
+        for ax, key in zip(axes, shown):
+            x, y = _series(rows, key)
+            _draw(ax, x, y, DIAGNOSTIC_COLOR, _name(key), smooth)
+            if key == "val/explained_variance":
+                ax.axhline(0, color="0.5", lw=0.8, ls=":")
+            title_text, ylabel = METRICS[key]
+            ax.set_title(title_text, loc="left")
+            ax.set_ylabel(ylabel)
+        for ax in axes[len(shown) :]:
+            ax.set_visible(False)
+        for ax in axes[max(0, len(shown) - ncols) : len(shown)]:
+            ax.set_xlabel("PPO step")
+            ax.xaxis.set_tick_params(labelbottom=True)
+        fig.suptitle(
+            f"{name + ': ' if name else ''}PPO training diagnostics", fontsize=13, fontweight="bold"
+        )
+    _save(fig, path)
+    return fig
+
+
+def plot_run_dir(run_dir: str | Path) -> list[Path]:
+    """`rlhf plot RUN_DIR`: write reward_kl_tradeoff.png and training_diagnostics.png into it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise input_error(run_dir, "is not a folder; give the output folder of `rlhf ppo`")
+    written = [run_dir / "reward_kl_tradeoff.png"]
+    plot_reward_kl_tradeoff(run_dir, written[0])
+    if plot_diagnostics(run_dir, run_dir / "training_diagnostics.png") is not None:
+        written.append(run_dir / "training_diagnostics.png")
+    return written

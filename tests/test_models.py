@@ -37,7 +37,10 @@ def test_reward_is_the_same_under_left_and_right_padding(tiny_tokenizer, arch):
     from conftest import make_tiny_lm
 
     rm = RewardModel(make_tiny_lm(tiny_tokenizer, arch)).eval()
-    rows = [tiny_tokenizer(t)["input_ids"] for t in ["the plot was dull .", "great", "the phone is great ."]]
+    rows = [
+        tiny_tokenizer(t)["input_ids"]
+        for t in ["the plot was dull .", "great", "the phone is great ."]
+    ]
     alone = torch.cat([rm(torch.tensor([r])) for r in rows])  # no padding at all
     for side in ("left", "right"):
         ids, mask = _pad(rows, tiny_tokenizer.pad_token_id, side)
@@ -65,7 +68,9 @@ def test_frozen_base_gets_no_gradient(tiny_lm, tiny_tokenizer):
 
 def test_unfrozen_base_gets_gradient(tiny_lm, tiny_tokenizer):
     rm = RewardModel(tiny_lm, freeze_base=False, tokenizer=tiny_tokenizer)
-    reward_model_loss(rm, ["a", "b"], ["superb .", "ok ."], ["dull .", "bad ."], ["A", "B"]).backward()
+    reward_model_loss(
+        rm, ["a", "b"], ["superb .", "ok ."], ["dull .", "bad ."], ["A", "B"]
+    ).backward()
     grads = [p.grad for p in rm.base_model.transformer.h[0].parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -80,7 +85,9 @@ class OneHotLM(nn.Module):
         self.vocab = vocab
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
-        return SimpleNamespace(last_hidden_state=nn.functional.one_hot(input_ids, self.vocab).float())
+        return SimpleNamespace(
+            last_hidden_state=nn.functional.one_hot(input_ids, self.vocab).float()
+        )
 
 
 def _table_reward_model(table):
@@ -124,7 +131,9 @@ def test_reward_model_round_trip(tmp_path, tiny_lm, tiny_tokenizer):
     rm.set_normalisation(torch.tensor([0.5, 1.5, 2.0]))
     rm.save_pretrained(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
-    ids, mask = _pad([tiny_tokenizer("the plot was dull .")["input_ids"]], tiny_tokenizer.pad_token_id, "right")
+    ids, mask = _pad(
+        [tiny_tokenizer("the plot was dull .")["input_ids"]], tiny_tokenizer.pad_token_id, "right"
+    )
     torch.testing.assert_close(loaded(ids, mask), rm(ids, mask))
 
 

@@ -62,7 +62,9 @@ def _unwrap_optional(tp):
     return tp
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+) -> None:
     """One `--option` per dataclass field, typed, with the field's default and docstring."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -74,17 +76,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = docs.get(f.name, "")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         elif typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
-            parser.add_argument(flag, choices=choices, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                flag, choices=choices, default=default, help=f"{help_text} (default: {default})"
+            )
         else:
             shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(flag, type=tp, default=default, metavar=f.name.upper(), help=help_text + shown)
+            parser.add_argument(
+                flag, type=tp, default=default, metavar=f.name.upper(), help=help_text + shown
+            )
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
     values.update(overrides)
     return cls(**values)
 
@@ -137,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_config_arguments(ppo, PPORunConfig)
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw the reward/KL trade-off and training diagnostics of a finished run",
+        description="Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png beside it.",
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `rlhf ppo`")
     return parser
 
 
@@ -159,7 +176,9 @@ def _run_train_reward(args) -> None:
 def _run_demo(args) -> None:
     from .pipeline import run_demo
 
-    run_demo(out=args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, device=args.device)
+    run_demo(
+        out=args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, device=args.device
+    )
 
 
 def _run_ppo(args) -> None:
@@ -178,7 +197,19 @@ def _run_ppo(args) -> None:
     )
 
 
-COMMANDS = {"demo": _run_demo, "train-reward": _run_train_reward, "ppo": _run_ppo}
+def _run_plot(args) -> None:
+    from .plots import plot_run_dir
+
+    for path in plot_run_dir(args.run_dir):
+        print(f"wrote {path}")
+
+
+COMMANDS = {
+    "demo": _run_demo,
+    "train-reward": _run_train_reward,
+    "ppo": _run_ppo,
+    "plot": _run_plot,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

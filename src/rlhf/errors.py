@@ -21,7 +21,9 @@ class ConfigError(RLHFError):
     """A bad option or config value."""
 
 
-def input_error(path: str | Path, message: str, line: int | None = None, field: str | None = None) -> InputError:
+def input_error(
+    path: str | Path, message: str, line: int | None = None, field: str | None = None
+) -> InputError:
     """Build an `InputError` whose message reads `FILE:LINE: field 'F': MESSAGE`."""
     where = str(path) if line is None else f"{path}:{line}"
     what = message if field is None else f"field '{field}': {message}"

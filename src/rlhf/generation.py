@@ -99,12 +99,16 @@ def sample_responses(
     return torch.stack(tokens, dim=1)  # (B, R)
 
 
-def response_lengths(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_lengths(
+    response_ids: torch.Tensor, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Length of each response including its first EOS, and whether it has one: (B,), (B,)."""
     R = response_ids.shape[1]
     is_eos = response_ids == eos_token_id  # (B, R)
     ended = is_eos.any(-1)  # (B,)
-    first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, R, dtype=torch.long))
+    first = torch.where(
+        ended, is_eos.float().argmax(-1), torch.full_like(ended, R, dtype=torch.long)
+    )
     lengths = torch.where(ended, first + 1, first)  # (B,)
     return lengths, ended
 

@@ -41,7 +41,9 @@ def load_causal_lm(
     path = _check_model_dir(directory)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     except ValueError as exc:
         raise InputError(f"{path}/config.json: {str(exc).splitlines()[0]}") from None
     try:
@@ -54,9 +56,13 @@ def load_causal_lm(
             dtype=dtype,
         )
     except ValueError as exc:
-        raise InputError(f"{path}: not a causal language model ({str(exc).splitlines()[0]})") from None
+        raise InputError(
+            f"{path}: not a causal language model ({str(exc).splitlines()[0]})"
+        ) from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot load weights ({str(exc).splitlines()[0]}); weights must be in safetensors") from None
+        raise InputError(
+            f"{path}: cannot load weights ({str(exc).splitlines()[0]}); weights must be in safetensors"
+        ) from None
     model.eval()  # dropout off during RL (ppo-details 2); training loops call train() only when needed
     return model
 

@@ -64,7 +64,9 @@ def final_hidden_states(
     lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Hidden states of the last layer (after the final norm), without computing LM logits."""
-    trunk = getattr(lm, "base_model", lm)  # GPT2LMHeadModel -> GPT2Model, LlamaForCausalLM -> LlamaModel
+    trunk = getattr(
+        lm, "base_model", lm
+    )  # GPT2LMHeadModel -> GPT2Model, LlamaForCausalLM -> LlamaModel
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if _accepts_position_ids(trunk):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)

@@ -1,30 +1,161 @@
-"""`rlhf demo`: every stage of the built-in task in order, reusing what is cached."""
+"""`rlhf demo`: every stage of the built-in task in order, reusing what is cached, and a report.
+
+base model -> preferences -> reward model -> PPO with and without the KL penalty (plus a run with a
+large penalty and a vanilla policy-gradient run, for the seed's questions 2 and 4) -> figures ->
+report.md and summary.json.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .reward import RewardConfig, train_reward
-from .task.default import base_model_dir, base_model_info
+from .data import atomic_write_json, read_jsonl
+from .hacking import demonstrate_reward_hacking, summarise_run
+from .ppo_train import PPORunConfig, default_reward_model_dir, train_ppo
+from .reward import RewardConfig
+from .task.default import BaseModelConfig, base_model_dir, base_model_info
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, cache_dir=None, device: str = "auto") -> dict:
-    """Base model -> preferences -> reward model; prints what it made and returns a summary."""
+@dataclass
+class DemoConfig:
+    """Sizes of one demo: the full one, or the smoke-sized `--quick` one."""
+
+    base: BaseModelConfig
+    reward: RewardConfig
+    ppo: PPORunConfig
+    steps: int
+    side_steps: int  # steps of the large-KL and vanilla-PG runs
+    large_kl_coef: float = 1.0
+
+
+def demo_config(quick: bool, seed: int, device: str) -> DemoConfig:
+    if quick:
+        base = BaseModelConfig(
+            n_reviews=3000, steps=60, n_layer=2, n_embd=64, n_head=2, batch_size=32, seed=seed
+        )
+        reward = RewardConfig(n_pairs=300, epochs=1, normalise_samples=64, seed=seed, device=device)
+        ppo = PPORunConfig(
+            batch_size=16,
+            minibatch_size=16,
+            response_tokens=16,
+            sample_every=2,
+            seed=seed,
+            device=device,
+        )
+        return DemoConfig(base, reward, ppo, steps=6, side_steps=4)
+    base = BaseModelConfig(seed=seed)
+    reward = RewardConfig(seed=seed, device=device)
+    ppo = PPORunConfig(lr=1e-4, seed=seed, device=device)
+    return DemoConfig(base, reward, ppo, steps=100, side_steps=50)
+
+
+def run_demo(
+    out: str = "runs/demo",
+    quick: bool = False,
+    seed: int = 0,
+    cache_dir=None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Run the whole story and write report.md, summary.json and the figures into `out`."""
     start = time.perf_counter()
     out_dir = Path(out)
-    base_dir = base_model_dir(cache_dir=cache_dir)
+    demo = demo_config(quick, seed, device)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    base_dir = base_model_dir(demo.base, cache_dir=cache_dir, progress=progress)
     info = base_model_info(base_dir)
-    print(f"base model: {base_dir} (held-out perplexity {info['heldout_perplexity']:.2f})")
-    for sample in info["samples"][:3]:
-        print(f"  sample: {sample}")
-    reward_cfg = RewardConfig(out=str(out_dir / "reward"), seed=seed, cache_dir=cache_dir, device=device)
-    if quick:
-        reward_cfg.n_pairs, reward_cfg.epochs, reward_cfg.normalise_samples = 800, 1, 128
-    result = train_reward(reward_cfg)
+    timings["base_model_s"] = time.perf_counter() - t0
     print(
-        f"reward model: {out_dir / 'reward' / 'reward_model'} "
-        f"(held-out accuracy {result['accuracy']:.3f}, label ceiling {result['ceiling']:.3f})"
+        f"base model: {base_dir}\n  held-out perplexity {info['heldout_perplexity']:.2f}; samples:"
     )
-    print(f"done in {time.perf_counter() - start:.0f} s; outputs in {out_dir}")
-    return {"base": info, "reward": result}
+    for sample in info["samples"][:3]:
+        print(f"    {sample}")
+
+    t0 = time.perf_counter()
+    rm_root = default_reward_model_dir(cache_dir, demo.base, demo.reward, progress=progress)
+    reward_eval = read_jsonl_one(rm_root / "reward_eval.json")
+    timings["reward_model_s"] = time.perf_counter() - t0
+    print(
+        f"reward model: {rm_root / 'reward_model'}\n  held-out accuracy {reward_eval['accuracy']:.3f} "
+        f"(labels agree with the gold ordering {reward_eval['ceiling']:.3f} of the time)"
+    )
+
+    base = dataclasses.replace(
+        demo.ppo,
+        model=str(base_dir),
+        reward_model=str(rm_root / "reward_model"),
+        cache_dir=cache_dir,
+    )
+    t0 = time.perf_counter()
+    comparison = demonstrate_reward_hacking(
+        out_dir, steps=demo.steps, kl_coef=0.1, seed=seed, base=base, progress=progress
+    )
+    timings["hacking_runs_s"] = time.perf_counter() - t0
+
+    # Question 2 (kl_coef too large) and question 4 (PPO vs vanilla policy gradient).
+    t0 = time.perf_counter()
+    side = {
+        "large_kl": dataclasses.replace(base, kl_coef=demo.large_kl_coef),
+        # One on-policy gradient step per batch and no clipping: REINFORCE with a GAE baseline.
+        "vanilla_pg": dataclasses.replace(base, ppo_epochs=1, clip_eps=1e9, value_clip_eps=1e9),
+    }
+    for name, cfg in side.items():
+        train_ppo(
+            dataclasses.replace(cfg, out=str(out_dir / name), steps=demo.side_steps),
+            progress=progress,
+        )
+        comparison["runs"][name] = {
+            "kl_coef": cfg.kl_coef,
+            **summarise_run(read_jsonl(out_dir / name / "metrics.jsonl")),
+        }
+    # PPO on the same budget as the side runs, read off the with-KL run at the same step.
+    with_kl_rows = read_jsonl(out_dir / "with_kl" / "metrics.jsonl")[: demo.side_steps]
+    comparison["runs"]["ppo_same_budget"] = {"kl_coef": base.kl_coef, **summarise_run(with_kl_rows)}
+    timings["side_runs_s"] = time.perf_counter() - t0
+
+    from .plots import plot_runs
+    from .report import write_report
+
+    plot_runs(
+        {
+            f"kl_coef={c:g}": out_dir / n / "metrics.jsonl"
+            for n, c in (("no_kl", 0.0), ("with_kl", 0.1), ("large_kl", demo.large_kl_coef))
+        },
+        path=out_dir / "kl_coefs.png",
+        title="Three KL coefficients, same seed and reward model",
+    )
+    timings["total_s"] = time.perf_counter() - start
+    summary = {
+        "quick": quick,
+        "seed": seed,
+        "base_model": {
+            "dir": str(base_dir),
+            **{k: info[k] for k in ("heldout_perplexity", "n_parameters", "train_seconds")},
+        },
+        "reward_model": {
+            "dir": str(rm_root / "reward_model"),
+            **{k: reward_eval[k] for k in ("accuracy", "ceiling")},
+        },
+        **{
+            name: comparison["runs"][name]
+            for name in ("with_kl", "no_kl", "large_kl", "vanilla_pg", "ppo_same_budget")
+        },
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    write_report(out_dir, summary, comparison, info, demo)
+    print(
+        f"done in {timings['total_s']:.0f} s. Open {out_dir / 'report.md'} (figures and tables); numbers in {out_dir / 'summary.json'}"
+    )
+    return summary
+
+
+def read_jsonl_one(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())

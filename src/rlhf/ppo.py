@@ -12,6 +12,7 @@ Item numbers in comments refer to ../shared/reference/ppo-details.md (in the rep
 from __future__ import annotations
 
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -98,7 +99,9 @@ class PPOConfig:
     def validate(self) -> None:
         for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "response_tokens"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
         if self.batch_size % self.minibatch_size:
             raise ConfigError(
                 f"--minibatch-size {self.minibatch_size} must divide --batch-size {self.batch_size} "
@@ -116,6 +119,18 @@ class PPOConfig:
             raise ConfigError(f"--target-kl must be positive, got {self.target_kl}")
         if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
             raise ConfigError("--gamma and --lam must be between 0 and 1")
+        if self.kl_horizon <= 0:
+            raise ConfigError(f"--kl-horizon must be positive, got {self.kl_horizon}")
+        for name in ("kl_estimator", "kl_in", "lr_schedule", "value_model"):
+            choices = typing.get_args(typing.get_type_hints(PPOConfig)[name])
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.kl_in == "loss" and self.kl_estimator == "exact":
+            raise ConfigError(
+                "--kl-estimator exact works only with --kl-in reward; use k3 for a KL loss"
+            )
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -219,20 +234,30 @@ class PPOTrainer:
         self.config = config or PPOConfig()
         self.config.validate()
         cfg = self.config
-        self.policy = policy if isinstance(policy, PolicyWithValueHead) else PolicyWithValueHead(policy)
+        lm = policy.lm if isinstance(policy, PolicyWithValueHead) else policy
+        if ref_model is lm or getattr(reward_model, "base_model", None) is lm:
+            raise ConfigError(
+                "the reference and reward models must be separate copies of the policy "
+                "(for example copy.deepcopy(policy)); they are frozen, the policy is trained"
+            )
+        self.policy = (
+            policy if isinstance(policy, PolicyWithValueHead) else PolicyWithValueHead(policy)
+        )
         self.policy.eval()  # dropout off in the policy too; eval() does not stop gradients
         self.device = next(self.policy.parameters()).device
         self.ref_model = _freeze(ref_model)
         self.reward_model = _freeze(reward_model)
         self.tokenizer = tokenizer
-        self.reward_tokenizer = reward_tokenizer or getattr(reward_model, "tokenizer", None) or tokenizer
+        self.reward_tokenizer = (
+            reward_tokenizer or getattr(reward_model, "tokenizer", None) or tokenizer
+        )
         self.same_tokenizer = self.reward_tokenizer is tokenizer or (
             self.reward_tokenizer.get_vocab() == tokenizer.get_vocab()
         )
         self.gold_judge = gold_judge
-        self.value_model = ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
-        if cfg.kl_in == "loss" and cfg.kl_estimator == "exact":
-            raise ConfigError("--kl-estimator exact works only with --kl-in reward; use k3 for a KL loss")
+        self.value_model = (
+            ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
+        )
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if self.value_model is not None:
             params += list(self.value_model.parameters())
@@ -240,7 +265,11 @@ class PPOTrainer:
         # eps 1e-5 as in lm-human-preferences' Adam.
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
         total = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
-        decay = (lambda s: max(0.0, 1.0 - s / total)) if cfg.lr_schedule == "linear" else (lambda s: 1.0)
+        decay = (
+            (lambda s: max(0.0, 1.0 - s / total))
+            if cfg.lr_schedule == "linear"
+            else (lambda s: 1.0)
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
@@ -271,23 +300,34 @@ class PPOTrainer:
     def _ref_logits(self, ids, mask, P: int) -> torch.Tensor:
         with self._autocast():
             logits = self.ref_model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
             ).logits  # (B, P+R, V)
         return logits[:, P - 1 : -1].float() / self.config.temperature  # (B, R, V)
 
     @torch.no_grad()
-    def _score(self, prompts, texts, query_response, attention_mask, lengths, ended, P: int) -> torch.Tensor:
+    def _score(
+        self, prompts, texts, query_response, attention_mask, lengths, ended, P: int
+    ) -> torch.Tensor:
         """Reward-model score of each sequence, read at its EOS (ppo-details 7, 10)."""
         if not self.same_tokenizer:
             from .reward import score_texts
 
-            return score_texts(self.reward_model, self.reward_tokenizer, prompts, texts).to(self.device)
+            return score_texts(self.reward_model, self.reward_tokenizer, prompts, texts).to(
+                self.device
+            )
         # Rows that never emitted EOS get one appended: the reward model was trained on sequences
         # that end in EOS, and --missing-eos-penalty handles truncation explicitly.
         B = query_response.shape[0]
         eos = self.tokenizer.eos_token_id
-        ids = torch.cat([query_response, torch.full((B, 1), self.tokenizer.pad_token_id, device=self.device)], 1)
-        mask = torch.cat([attention_mask, torch.zeros((B, 1), dtype=attention_mask.dtype, device=self.device)], 1)
+        ids = torch.cat(
+            [query_response, torch.full((B, 1), self.tokenizer.pad_token_id, device=self.device)], 1
+        )
+        mask = torch.cat(
+            [attention_mask, torch.zeros((B, 1), dtype=attention_mask.dtype, device=self.device)], 1
+        )
         rows = torch.arange(B, device=self.device)[~ended]  # (B',)
         ids[rows, P + lengths[~ended]] = eos
         mask[rows, P + lengths[~ended]] = 1
@@ -317,14 +357,18 @@ class PPOTrainer:
         timings["time/generate_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        logits, values = self._policy_forward(query_response, attention_mask, P)  # (B, R, V), (B, R)
+        logits, values = self._policy_forward(
+            query_response, attention_mask, P
+        )  # (B, R, V), (B, R)
         logprobs = logprobs_from_logits(logits, response)  # (B, R)
         ref_logits = self._ref_logits(query_response, attention_mask, P)  # (B, R, V)
         ref_logprobs = logprobs_from_logits(ref_logits, response)  # (B, R)
         timings["time/forward_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = self._score(prompts, texts, query_response, attention_mask, lengths, ended, P)  # (B,)
+        scores = self._score(
+            prompts, texts, query_response, attention_mask, lengths, ended, P
+        )  # (B,)
         if cfg.missing_eos_penalty is not None:  # ppo-details 6
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         timings["time/score_s"] = time.perf_counter() - t0
@@ -333,14 +377,17 @@ class PPOTrainer:
         if cfg.kl_estimator == "exact":
             kl = compute_kl_penalty(logits, ref_logits, response_mask)  # (B, R)
         else:
-            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * response_mask  # (B, R)
+            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)  # (B, R)
+            kl = torch.where(response_mask.bool(), kl, torch.zeros_like(kl))  # (B, R), 0 after EOS
         beta = self.kl_ctl.value
         rewards = -beta * kl if cfg.kl_in == "reward" else torch.zeros_like(kl)  # (B, R)
         rewards[torch.arange(len(prompts), device=self.device), lengths - 1] += scores
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
         values = values * response_mask  # (B, R)
-        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)  # (B, R) x2
+        advantages, returns = compute_gae(
+            rewards, values, response_mask, cfg.gamma, cfg.lam
+        )  # (B, R) x2
         advantages = masked_whiten(advantages, response_mask)  # (B, R), ppo-details 16
         del R
         return Rollout(
@@ -361,15 +408,26 @@ class PPOTrainer:
             for start in range(0, B, cfg.minibatch_size):
                 mb = order[start : start + cfg.minibatch_size]  # (M,)
                 mb_mask = b.response_mask[mb]  # (M, R)
-                logits, mb_values = self._policy_forward(b.query_response[mb], b.attention_mask[mb], P)
+                logits, mb_values = self._policy_forward(
+                    b.query_response[mb], b.attention_mask[mb], P
+                )
                 mb_logprobs = logprobs_from_logits(logits, response[mb])  # (M, R)
-                pg_loss, pg_stats = policy_loss(mb_logprobs, b.logprobs[mb], b.advantages[mb], mb_mask, cfg.clip_eps)
+                pg_loss, pg_stats = policy_loss(
+                    mb_logprobs, b.logprobs[mb], b.advantages[mb], mb_mask, cfg.clip_eps
+                )
                 vf_loss, vf_stats = value_loss(
                     mb_values, b.values[mb], b.returns[mb], mb_mask, cfg.value_clip_eps
                 )
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if cfg.kl_in == "loss":  # ppo-details 13
-                    kl_term = masked_mean(kl_estimate(mb_logprobs, b.ref_logprobs[mb], cfg.kl_estimator), mb_mask)
+                    # Masked positions take the policy's own log-prob (KL 0) so garbage there cannot
+                    # overflow into a nan gradient.
+                    mb_ref = torch.where(
+                        mb_mask.bool(), b.ref_logprobs[mb], mb_logprobs.detach()
+                    )  # (M, R)
+                    kl_term = masked_mean(
+                        kl_estimate(mb_logprobs, mb_ref, cfg.kl_estimator), mb_mask
+                    )
                     loss = loss + self.kl_ctl.value * kl_term
                 self._check_finite(loss, "loss")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -411,12 +469,16 @@ class PPOTrainer:
         beta = self.kl_ctl.value
         b = self.rollout(prompts)
         if not torch.isfinite(b.scores).all():
-            raise NonFiniteError(f"step {self.step_count + 1}: the reward model returned a non-finite score")
+            raise NonFiniteError(
+                f"step {self.step_count + 1}: the reward model returned a non-finite score"
+            )
         t0 = time.perf_counter()
         stats = self.update(b)
         stats["time/update_s"] = time.perf_counter() - t0
         with torch.no_grad():
-            kl_k1 = ((b.logprobs - b.ref_logprobs) * b.response_mask).sum(1)  # (B,) nats per sequence
+            kl_k1 = ((b.logprobs - b.ref_logprobs) * b.response_mask).sum(
+                1
+            )  # (B,) nats per sequence
             kl_seq = kl_k1.mean().item()
             reward = b.scores.mean().item()
             metrics = {
@@ -426,7 +488,9 @@ class PPOTrainer:
                 "objective/combined": reward - beta * kl_seq,
                 "objective/kl_coef": beta,
                 "objective/score_std": b.scores.std().item() if len(prompts) > 1 else 0.0,
-                "val/explained_variance": explained_variance(b.values, b.returns, b.response_mask).item(),
+                "val/explained_variance": explained_variance(
+                    b.values, b.returns, b.response_mask
+                ).item(),
                 "val/mean": masked_mean(b.values, b.response_mask).item(),
                 "text/response_tokens": b.response_mask.sum(1).mean().item(),
                 "text/eos_rate": sum(b.ended) / len(b.ended),

@@ -10,17 +10,17 @@ import random
 import shutil
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import JsonlWriter, atomic_write_json, read_prompts
-from .errors import ConfigError
+from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .data import JsonlWriter, atomic_write_json, read_jsonl, read_prompts, write_jsonl
+from .errors import ConfigError, RLHFError
 from .models import RewardModel
-from .ppo import PPOConfig, PPOTrainer
+from .ppo import NonFiniteError, PPOConfig, PPOTrainer
 from .tracking import RunLogger, progress_bar, save_config, set_seed
 
 
@@ -43,36 +43,58 @@ class PPORunConfig(PPOConfig):
     sample_every: int = 10
     """write example responses to samples.jsonl every this many steps"""
     gold: bool | None = None
-    """score responses with the built-in gold judge (default: on for the built-in task only)"""
+    """score responses with the built-in gold judge (default: on with the built-in prompts only)"""
     device: str = "auto"
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache for the built-in base and reward models"""
     trust_remote_code: bool = False
     """allow model folders to run their own Python code (only for models you trust)"""
+    save_every: int = 50
+    """write a checkpoint every this many steps (0: only on Ctrl-C)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    resume: bool = False
+    """continue the run in --out from its last checkpoint"""
 
     def validate(self) -> None:
         super().validate()
         if self.sample_every <= 0 or self.max_prompt_tokens <= 0:
             raise ConfigError("--sample-every and --max-prompt-tokens must be positive")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("--save-every must be >= 0 and --keep-checkpoints >= 1")
 
 
-def default_reward_model_dir(cache_dir=None, seed: int = 0, progress: bool = True) -> Path:
-    """The built-in task's reward model, trained with the default `RewardConfig` on first use."""
+def default_reward_model_dir(
+    cache_dir=None, base_cfg=None, reward_cfg=None, progress: bool = True
+) -> Path:
+    """The built-in task's reward model folder (holding `reward_model/`), trained on first use.
+
+    `base_cfg` (a `BaseModelConfig`) picks the base model it starts from; `reward_cfg` (a
+    `RewardConfig`) its training options. The cache key covers both.
+    """
     from .reward import RewardConfig, train_reward
-    from .task.default import BaseModelConfig, cache_key, default_cache_dir
+    from .task.default import BaseModelConfig, base_model_dir, cache_key, default_cache_dir
 
+    base_cfg = base_cfg or BaseModelConfig()
+    reward_cfg = reward_cfg or RewardConfig()
     root = default_cache_dir(cache_dir)
-    reward_fields = dataclasses.asdict(RewardConfig(seed=seed))
-    for name in ("out", "device", "cache_dir"):
+    reward_fields = dataclasses.asdict(reward_cfg)
+    for name in ("out", "device", "cache_dir", "model", "data"):
         reward_fields.pop(name)
-    target = root / cache_key("reward", {"reward": reward_fields, "base": dataclasses.asdict(BaseModelConfig())})
+    target = root / cache_key(
+        "reward", {"reward": reward_fields, "base": dataclasses.asdict(base_cfg)}
+    )
     if (target / "reward_eval.json").is_file():
         return target
+    base_dir = base_model_dir(base_cfg, cache_dir=cache_dir, progress=progress)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".reward-", dir=root))
     try:
-        train_reward(RewardConfig(out=str(staging), seed=seed, cache_dir=cache_dir), progress=progress)
+        cfg = dataclasses.replace(
+            reward_cfg, out=str(staging), model=str(base_dir), data=None, cache_dir=cache_dir
+        )
+        train_reward(cfg, progress=progress)
         try:
             staging.rename(target)
         except OSError:
@@ -83,18 +105,96 @@ def default_reward_model_dir(cache_dir=None, seed: int = 0, progress: bool = Tru
     return target
 
 
-def _prompt_stream(prompts: list[str], batch_size: int, seed: int):
-    """Batches drawn from shuffled passes over the prompt pool."""
-    rng = random.Random(seed)
-    pool: list[str] = []
-    while True:
-        if len(pool) < batch_size:
-            fresh = list(prompts)
-            rng.shuffle(fresh)
-            pool += fresh
-            continue
-        batch, pool = pool[:batch_size], pool[batch_size:]
-        yield batch
+class HackingDetector:
+    """Warns once, live, when the proxy reward keeps rising while true quality falls.
+
+    Tracks exponential moving averages (weight `smooth`) of the proxy reward, the gold score (when
+    there is one) and distinct-2. Hacking is declared at the first step, after `warmup`, where the
+    proxy's average is at its running maximum (still rising) while the gold average has fallen
+    `gold_drop` below its peak, or distinct-2 has fallen to `diversity_drop` times its peak.
+    """
+
+    def __init__(
+        self,
+        smooth: float = 0.8,
+        warmup: int = 10,
+        gold_drop: float = 0.1,
+        diversity_drop: float = 0.75,
+    ):
+        self.smooth, self.warmup = smooth, warmup
+        self.gold_drop, self.diversity_drop = gold_drop, diversity_drop
+        self.avg: dict[str, float] = {}
+        self.peak: dict[str, float] = {}
+        self.step: int | None = None
+        self.message: str | None = None
+
+    def update(self, step: int, metrics: dict) -> str | None:
+        """Feed one step's metrics; returns the warning the first time hacking is detected."""
+        for key in ("objective/reward", "objective/gold", "text/distinct_2"):
+            if metrics.get(key) is None:
+                continue
+            prev = self.avg.get(key, metrics[key])
+            self.avg[key] = self.smooth * prev + (1 - self.smooth) * metrics[key]
+            self.peak[key] = max(self.peak.get(key, self.avg[key]), self.avg[key])
+        if self.step is not None or step < self.warmup:
+            return None
+        reward = self.avg["objective/reward"]
+        if reward < self.peak["objective/reward"] - 1e-9:
+            return None
+        reasons = []
+        if (
+            "objective/gold" in self.avg
+            and self.avg["objective/gold"] < self.peak["objective/gold"] - self.gold_drop
+        ):
+            reasons.append(
+                f"the gold score fell from {self.peak['objective/gold']:.2f} to {self.avg['objective/gold']:.2f}"
+            )
+        if (
+            "text/distinct_2" in self.avg
+            and self.avg["text/distinct_2"] < self.diversity_drop * self.peak["text/distinct_2"]
+        ):
+            reasons.append(
+                f"distinct-2 fell from {self.peak['text/distinct_2']:.2f} to {self.avg['text/distinct_2']:.2f}"
+            )
+        if not reasons:
+            return None
+        self.step = step
+        self.message = (
+            f"reward hacking at step {step}: the proxy reward is still rising ({reward:.2f}) but "
+            + " and ".join(reasons)
+            + "; the policy is exploiting the reward model (raise --kl-coef or stop here)"
+        )
+        return self.message
+
+
+class PromptStream:
+    """Batches drawn from shuffled passes over the prompt pool; its position can be saved."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+        self.prompts, self.batch_size = list(prompts), batch_size
+        self.rng = random.Random(seed)
+        self.pool: list[str] = []
+
+    def next(self) -> list[str]:
+        while len(self.pool) < self.batch_size:
+            fresh = list(self.prompts)
+            self.rng.shuffle(fresh)
+            self.pool += fresh
+        batch, self.pool = self.pool[: self.batch_size], self.pool[self.batch_size :]
+        return batch
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "rng_version": version,
+            "rng_internal": list(internal),
+            "rng_gauss": gauss,
+            "pool": list(self.pool),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["rng_version"], tuple(state["rng_internal"]), state["rng_gauss"]))
+        self.pool = list(state["pool"])
 
 
 def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
@@ -123,10 +223,11 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     if cfg.reward_model:
         rm_dir = Path(cfg.reward_model)
     elif cfg.model:
-        raise ConfigError("--model needs --reward-model (train one with `rlhf train-reward --model ...`)")
+        raise ConfigError(
+            "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
+        )
     else:
-        rm_dir = default_reward_model_dir(cfg.cache_dir, seed=0, progress=progress)
-        rm_dir = rm_dir / "reward_model"
+        rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
     reward_model = RewardModel.from_pretrained(rm_dir, trust_remote_code=cfg.trust_remote_code)
     return prompts, policy.to(device), ref.to(device), reward_model.to(device), tokenizer
 
@@ -142,42 +243,123 @@ def train_ppo(
     cfg.validate()
     set_seed(cfg.seed)
     prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
-    builtin = cfg.model is None
-    gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin) else None
+    builtin_prompts = cfg.prompts is None
+    gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
     long_prompts = sum(len(ids) > cfg.max_prompt_tokens for ids in tokenizer(prompts)["input_ids"])
     if long_prompts:
-        print(f"warning: {long_prompts} prompts are longer than --max-prompt-tokens {cfg.max_prompt_tokens} and were truncated")
+        print(
+            f"warning: {long_prompts} prompts are longer than --max-prompt-tokens {cfg.max_prompt_tokens} and were truncated"
+        )
         prompts = [
             tokenizer.decode(ids[-cfg.max_prompt_tokens :], skip_special_tokens=True)
             for ids in tokenizer(prompts)["input_ids"]
         ]
     trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold)
     out = Path(cfg.out)
+    stream = PromptStream(prompts, cfg.batch_size, cfg.seed)
+    detector = HackingDetector()
+    first_step = _resume(out, trainer, stream, detector) if cfg.resume else 0
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, cfg)
-    stream = _prompt_stream(prompts, cfg.batch_size, cfg.seed)
     start = time.perf_counter()
     metrics: dict = {}
-    bar = progress_bar(range(cfg.steps), desc=f"PPO (kl_coef {cfg.kl_coef:g})", disable=not progress)
-    with RunLogger(out) as logger, JsonlWriter(out / "samples.jsonl", append=False) as samples:
-        for step in bar:
-            metrics = trainer.step(next(stream))
-            # Row `step` describes the policy after `step` updates: its rollout came before update step+1.
-            logger.log(step, metrics)
-            postfix = {"reward": f"{metrics['objective/reward']:.2f}", "kl": f"{metrics['objective/kl']:.2f}"}
-            if "objective/gold" in metrics:
-                postfix["gold"] = f"{metrics['objective/gold']:.2f}"
-            bar.set_postfix(postfix, refresh=False)
-            if step % cfg.sample_every == 0 or step == cfg.steps - 1:
-                _write_samples(samples, step, trainer)
-            if on_step is not None:
-                on_step(step, metrics)
+    bar = progress_bar(
+        range(first_step, cfg.steps), desc=f"PPO (kl_coef {cfg.kl_coef:g})", disable=not progress,
+        initial=first_step, total=cfg.steps,
+    )  # fmt: skip
+    resumed = first_step > 0
+    step = first_step
+    with (
+        RunLogger(out, append=resumed) as logger,
+        JsonlWriter(out / "samples.jsonl", append=resumed) as samples,
+    ):
+
+        def checkpoint(done: int) -> Path:
+            extra = {"stream": stream.state_dict(), "detector": dict(vars(detector))}
+            return save_checkpoint(out, done, trainer, extra, keep=cfg.keep_checkpoints)
+
+        try:
+            for step in bar:
+                metrics = trainer.step(stream.next())
+                # Row `step` describes the policy after `step` updates: its rollout came first.
+                logger.log(step, metrics)
+                postfix = {
+                    "reward": f"{metrics['objective/reward']:.2f}",
+                    "kl": f"{metrics['objective/kl']:.2f}",
+                }
+                if "objective/gold" in metrics:
+                    postfix["gold"] = f"{metrics['objective/gold']:.2f}"
+                bar.set_postfix(postfix, refresh=False)
+                if step % cfg.sample_every == 0 or step == cfg.steps - 1:
+                    _write_samples(samples, step, trainer)
+                warning = detector.update(step, metrics)
+                if warning:
+                    bar.write(f"warning: {warning}")
+                if on_step is not None:
+                    on_step(step, metrics)
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                    checkpoint(step + 1)
+        except KeyboardInterrupt:
+            logger.close()
+            samples.close()
+            # The interrupted step changed nothing that is logged; save the state after `step` steps.
+            # (Its rollout may have updated weights: the checkpoint is of the last completed step.)
+            raise Interrupted(step, checkpoint_after_interrupt(out, trainer, step)) from None
+        except NonFiniteError as exc:
+            last = checkpoint_dirs(out)
+            kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise NonFiniteError(f"{exc}{kept}") from None
     trainer.policy.lm.save_pretrained(out / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out / "policy")
     trainer.policy.save_value_head(out / "policy")
-    summary = {"steps": cfg.steps, "seconds": round(time.perf_counter() - start, 1), "final": metrics}
+    summary = {
+        "steps": cfg.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "final": metrics,
+        "hacking_step": detector.step,
+        "hacking_warning": detector.message,
+    }
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class Interrupted(RLHFError):
+    """Ctrl-C during training; a checkpoint was written when possible."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        where = (
+            f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing completed yet)"
+        )
+        super().__init__(
+            f"interrupted during step {step}; saved {where}. Continue with the same command plus --resume"
+        )
+
+
+def checkpoint_after_interrupt(out: Path, trainer: PPOTrainer, step: int) -> Path | None:
+    """After Ctrl-C the newest checkpoint is the one to resume from; the weights in memory may be
+    half-way through an update, so they are not saved over it."""
+    last = checkpoint_dirs(out)
+    return last[-1] if last else None
+
+
+def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: HackingDetector) -> int:
+    """Load the newest checkpoint and trim the logs to the steps it covers; returns the next step."""
+    found = checkpoint_dirs(out)
+    if not found:
+        raise ConfigError(
+            f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
+        )
+    state = load_checkpoint(found[-1], trainer)
+    stream.load_state_dict(state["stream"])
+    vars(detector).update(state["detector"])
+    step = int(state["step"])
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = out / name
+        if path.exists():
+            rows = [r for r in read_jsonl(path, allow_empty=True) if r["step"] < step]
+            write_jsonl(path, rows)
+    print(f"resuming from {found[-1]} (step {step})")
+    return step
 
 
 def _write_samples(writer: JsonlWriter, step: int, trainer: PPOTrainer, n: int = 8) -> None:
@@ -197,9 +379,6 @@ def _write_samples(writer: JsonlWriter, step: int, trainer: PPOTrainer, n: int =
         writer.write(row)
 
 
-_TRAINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def ppo_step(
     policy_model,
     reward_model: RewardModel,
@@ -215,16 +394,24 @@ def ppo_step(
     repeated calls continue one run. The tokenizer defaults to the reward model's. For real runs use
     `PPOTrainer` (or `train_ppo`) directly.
     """
-    tokenizer = tokenizer or getattr(reward_model, "tokenizer", None) or getattr(policy_model, "tokenizer", None)
+    tokenizer = (
+        tokenizer
+        or getattr(reward_model, "tokenizer", None)
+        or getattr(policy_model, "tokenizer", None)
+    )
     if tokenizer is None:
-        raise ValueError("ppo_step needs a tokenizer: pass tokenizer= or set reward_model.tokenizer")
-    trainer = _TRAINERS.get(policy_model)
+        raise ValueError(
+            "ppo_step needs a tokenizer: pass tokenizer= or set reward_model.tokenizer"
+        )
+    # The trainer lives on the policy object itself, so it is freed with it (a WeakKeyDictionary
+    # would keep both alive: the trainer refers back to the policy).
+    trainer = policy_model.__dict__.get("_rlhf_ppo_trainer")
     if trainer is None:
         config = config or PPOConfig(
             kl_coef=kl_coef, batch_size=len(prompts), minibatch_size=len(prompts), steps=1_000_000
         )
         trainer = PPOTrainer(policy_model, ref_model, reward_model, tokenizer, config)
-        _TRAINERS[policy_model] = trainer
+        policy_model.__dict__["_rlhf_ppo_trainer"] = trainer
     trainer.kl_ctl.value = kl_coef if not trainer.config.adaptive_kl else trainer.kl_ctl.value
     with torch.enable_grad():
         return trainer.step(list(prompts))

@@ -71,7 +71,9 @@ class RewardConfig:
     def validate(self) -> None:
         for name in ("n_pairs", "response_tokens", "epochs", "batch_size", "max_length"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.label_temperature < 0:
@@ -130,7 +132,9 @@ def create_preference_dataset(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     doubled = [p for p in prompts for _ in range(2)]
-    texts, ended = sample_texts(model, tokenizer, doubled, response_tokens, generator=generator, device=device)
+    texts, ended = sample_texts(
+        model, tokenizer, doubled, response_tokens, generator=generator, device=device
+    )
     gold = judge.score_batch(doubled, texts, ended)
     rng = random.Random(seed)
     records = []
@@ -144,7 +148,9 @@ def create_preference_dataset(
         if label_temperature == 0:
             prefer_a = diff >= 0
         else:
-            prefer_a = rng.random() < 1.0 / (1.0 + math.exp(-max(min(diff / label_temperature, 50), -50)))
+            prefer_a = rng.random() < 1.0 / (
+                1.0 + math.exp(-max(min(diff / label_temperature, 50), -50))
+            )
         records.append(
             {
                 "prompt": prompt,
@@ -158,7 +164,9 @@ def create_preference_dataset(
     return records
 
 
-def _encode(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[list[int]], int]:
+def _encode(
+    tokenizer, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[list[list[int]], int]:
     """Token ids of prompt + response + EOS, truncated from the left; returns (rows, number truncated)."""
     eos = tokenizer.eos_token_id
     rows, truncated = [], 0
@@ -214,7 +222,9 @@ def reward_model_loss(
     else:
         tokenizer = tokenizer or reward_model.tokenizer
         if tokenizer is None:
-            raise ValueError("text inputs need a tokenizer: pass tokenizer= or set reward_model.tokenizer")
+            raise ValueError(
+                "text inputs need a tokenizer: pass tokenizer= or set reward_model.tokenizer"
+            )
         single = isinstance(response_A, str)
         prompts = [prompt] if single else list(prompt)
         resp_a = [response_A] if single else list(response_A)
@@ -300,7 +310,9 @@ def score_texts(
     return torch.cat(scores)  # (N,)
 
 
-def evaluate_reward_model(reward_model: RewardModel, tokenizer, pairs: _Pairs, max_length: int) -> dict:
+def evaluate_reward_model(
+    reward_model: RewardModel, tokenizer, pairs: _Pairs, max_length: int
+) -> dict:
     """Held-out accuracy (against the noiseless gold ordering when there is one), loss and margin."""
     was_training = reward_model.training
     reward_model.eval()
@@ -371,15 +383,25 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     random.Random(cfg.seed).shuffle(order)
     n_eval = max(1, int(round(cfg.eval_fraction * len(pairs))))
     if len(pairs) - n_eval < 1:
-        raise ConfigError(f"{cfg.data}: {len(pairs)} pairs leave none for training after the held-out split")
+        raise ConfigError(
+            f"{cfg.data}: {len(pairs)} pairs leave none for training after the held-out split"
+        )
     eval_pairs, train_pairs = pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
-    chosen_rows, n_trunc = _encode(tokenizer, train_pairs.prompts, train_pairs.chosen, cfg.max_length)
-    rejected_rows, n_trunc_r = _encode(tokenizer, train_pairs.prompts, train_pairs.rejected, cfg.max_length)
+    chosen_rows, n_trunc = _encode(
+        tokenizer, train_pairs.prompts, train_pairs.chosen, cfg.max_length
+    )
+    rejected_rows, n_trunc_r = _encode(
+        tokenizer, train_pairs.prompts, train_pairs.rejected, cfg.max_length
+    )
     if n_trunc + n_trunc_r:
-        print(f"warning: truncated {n_trunc + n_trunc_r} sequences longer than --max-length {cfg.max_length} tokens")
+        print(
+            f"warning: truncated {n_trunc + n_trunc_r} sequences longer than --max-length {cfg.max_length} tokens"
+        )
 
     # 3. Bradley-Terry training of a copy of the base model with a fresh scalar head.
-    reward_model = RewardModel(copy.deepcopy(lm), freeze_base=cfg.freeze_base, tokenizer=tokenizer).to(device)
+    reward_model = RewardModel(
+        copy.deepcopy(lm), freeze_base=cfg.freeze_base, tokenizer=tokenizer
+    ).to(device)
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
@@ -418,10 +440,22 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
                 }
                 logger.log(step, metrics)
                 bar.update()
-                bar.set_postfix(loss=f"{metrics['reward/loss']:.3f}", acc=f"{metrics['reward/accuracy']:.2f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{metrics['reward/loss']:.3f}",
+                    acc=f"{metrics['reward/accuracy']:.2f}",
+                    refresh=False,
+                )
             held_out = evaluate_reward_model(reward_model, tokenizer, eval_pairs, cfg.max_length)
-            logger.log(step, {"reward/eval_accuracy": held_out["accuracy"], "reward/eval_loss": held_out["loss"]})
-            bar.write(f"epoch {epoch + 1}/{cfg.epochs}: held-out accuracy {held_out['accuracy']:.3f}")
+            logger.log(
+                step,
+                {
+                    "reward/eval_accuracy": held_out["accuracy"],
+                    "reward/eval_loss": held_out["loss"],
+                },
+            )
+            bar.write(
+                f"epoch {epoch + 1}/{cfg.epochs}: held-out accuracy {held_out['accuracy']:.3f}"
+            )
     bar.close()
     reward_model.eval()
 
@@ -430,7 +464,9 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         norm_prompts = [pairs.prompts[i % len(pairs)] for i in order[: cfg.normalise_samples]]
         norm_prompts += norm_prompts[: cfg.normalise_samples - len(norm_prompts)]
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        texts, _ = sample_texts(lm, tokenizer, norm_prompts, cfg.response_tokens, generator=gen, device=device)
+        texts, _ = sample_texts(
+            lm, tokenizer, norm_prompts, cfg.response_tokens, generator=gen, device=device
+        )
         raw = score_texts(reward_model, tokenizer, norm_prompts, texts, cfg.max_length, raw=True)
         reward_model.set_normalisation(raw)
 

@@ -64,7 +64,9 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
-            except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+            except (
+                ImportError
+            ):  # tensorboard is a dependency, but a broken install should not stop training
                 self._tb = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

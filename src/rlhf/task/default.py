@@ -159,7 +159,9 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = _batches(train_rows, cfg.batch_size, tokenizer.pad_token_id, generator)
     model.train()
-    bar = progress_bar(range(cfg.steps), desc="pretrain base model", disable=not progress, leave=False)
+    bar = progress_bar(
+        range(cfg.steps), desc="pretrain base model", disable=not progress, leave=False
+    )
     for _ in bar:
         ids, mask = next(batches)
         loss_sum, n = _lm_loss(model, ids, mask)

@@ -1,0 +1,486 @@
+"""Seconds per PPO update: ours against TRL 1.12.0's PPOTrainer, and against the model passes it needs.
+
+Shapes: B batch (prompts), M minibatch, P prompt tokens, R response tokens, V vocabulary.
+
+Run from the repository root in the bench venv (see benchmarks/README.md):
+
+    python benchmarks/bench_ppo.py [--steps 12] [--batch-size 32] [--response-tokens 24] [--json out.json]
+
+Both implementations get the same random-init GPT-2 (4 layers x 128 wide x 4 heads, the project's
+1,024-token BPE vocabulary), the same 32 prompts every update, 24 response tokens, 4 PPO epochs,
+1 (and 4) minibatches, temperature 1, a constant learning rate, fp32, on the CPU with 2 threads.
+
+Equal work: TRL is given no stop token, so its `generate` always samples R tokens. Ours stops
+sampling only when every row has emitted EOS; a random-init model puts about 1/V of its mass on EOS,
+so no batch ever ends early and every step samples R tokens too (checked below, per step). All
+later passes run on the full (B, P+R) sequences in both, whatever the masks say.
+
+Timing: TRL's `train()` runs its own loop and cannot be stepped from outside, so the benchmark is
+driven from a TRL callback: at the end of every TRL update (`on_step_end`) it stamps the time, runs
+one of our `PPOTrainer.step(prompts)` calls (timed from outside) and, alternately, the isolated
+model passes or our separate-value-network variant, then switches TRL's `gc.collect()` on or off for
+the next update and restarts the clock. A TRL update is the time from one callback's return to the
+next callback; it holds TRL's two `gc.collect()` calls (one after its rollout, one after the
+previous update's `on_step_end`). "TRL without gc" swaps the `gc` name inside TRL's ppo_trainer
+module for a counter whose `collect` does nothing; nothing else changes. So the implementations
+alternate update by update under the same machine load, and the medians are reported; the first
+two updates of everything are warm-up and are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+# TRL's experimental package warns on import; the warning is about API stability, not speed.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    TrainerCallback,
+)
+
+from rlhf.core import logprobs_from_logits  # noqa: E402
+from rlhf.generation import encode_prompts, sample_responses  # noqa: E402
+from rlhf.models import PolicyWithValueHead, RewardModel, position_ids_from_mask  # noqa: E402
+from rlhf.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from rlhf.task import corpus  # noqa: E402
+from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
+
+LR = 1e-5  # any constant will do for timing; the same for both
+
+
+# ----- shared setup ------------------------------------------------------------------------
+def build_base(seed: int = 0):
+    """The project's BPE tokenizer and one random-init GPT-2 (config and weights) for everyone."""
+    tok = train_tokenizer([r.text for r in corpus.generate_reviews(5000, seed=seed)], 1024)
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=128, n_embd=128, n_layer=4, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    state = GPT2LMHeadModel(config).state_dict()
+    return tok, config, state
+
+
+def fresh_lm(config, state) -> GPT2LMHeadModel:
+    lm = GPT2LMHeadModel(config)
+    lm.load_state_dict(state)
+    return lm.eval()
+
+
+def fresh_classifier(config, state) -> GPT2ForSequenceClassification:
+    """GPT-2 trunk with the same weights and a scalar `score` head, as TRL's reward/value model."""
+    cls_config = copy.deepcopy(config)
+    cls_config.num_labels = 1
+    model = GPT2ForSequenceClassification(cls_config)
+    trunk = {
+        k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")
+    }
+    model.transformer.load_state_dict(trunk)
+    return model.eval()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ----- ours ----------------------------------------------------------------------------------
+def build_ours(
+    tok, config, state, args, minibatches: int, value_model: str = "shared"
+) -> PPOTrainer:
+    cfg = PPOConfig(
+        steps=10**6, batch_size=args.batch_size, minibatch_size=args.batch_size // minibatches,
+        ppo_epochs=args.epochs, response_tokens=args.response_tokens, temperature=1.0, lr=LR,
+        lr_schedule="constant", kl_coef=0.05, vf_coef=0.1, clip_eps=0.2, value_clip_eps=0.2,
+        gamma=1.0, lam=0.95, value_model=value_model, seed=0,
+    )  # fmt: skip
+    policy = fresh_lm(config, state)
+    reward = RewardModel(fresh_lm(config, state), freeze_base=True, tokenizer=tok)
+    return PPOTrainer(policy, fresh_lm(config, state), reward, tok, cfg)
+
+
+def time_ours(trainer: PPOTrainer, prompts: list[str], P: int, out: dict) -> None:
+    """One `step`, timed from outside, with its own phase timings and the number of tokens sampled."""
+    t0 = time.perf_counter()
+    metrics = trainer.step(prompts)
+    out.setdefault("step_s", []).append(time.perf_counter() - t0)
+    for key in (
+        "time/generate_s",
+        "time/forward_s",
+        "time/score_s",
+        "time/update_s",
+        "time/step_s",
+    ):
+        out.setdefault(key, []).append(metrics[key])
+    out.setdefault("sampled_tokens", []).append(trainer.last_rollout.query_response.shape[1] - P)
+
+
+# ----- TRL 1.12.0 ------------------------------------------------------------------------------
+class _GCSwitch:
+    """Stands in for the `gc` module inside TRL's ppo_trainer: counts calls, optionally skips them."""
+
+    def __init__(self):
+        self.enabled, self.calls = True, 0
+
+    def collect(self, *a, **k):
+        self.calls += 1
+        return gc.collect(*a, **k) if self.enabled else 0
+
+
+class Interleaver(TrainerCallback):
+    """Drives the whole benchmark from inside TRL's `train()` loop.
+
+    TRL's loop cannot be stepped from outside, so at the end of each TRL update (`on_step_end`) this
+    callback stamps the time, runs the other measurements (our step, the isolated passes), flips
+    TRL's gc between shipped and skipped for the next update, and restarts the clock. A TRL update is
+    the time from one callback's return to the next callback: it holds one `gc.collect()` after the
+    rollout and the one after the previous update's `on_step_end`. So every implementation is
+    measured update by update, alternating, under the same machine load.
+    """
+
+    def __init__(self, module, others, warmup: int):
+        self.module, self.others, self.warmup = module, others, warmup
+        self.gc, self.empty_cache_calls, self.sampled = _GCSwitch(), 0, []
+        self.times: dict[str, list[float]] = {"trl": [], "trl_no_gc": []}
+        self.calls = {"trl": [0, 0], "trl_no_gc": [0, 0]}  # gc.collect, empty_cache
+        self.n = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self.start
+        mode = "trl" if self.gc.enabled else "trl_no_gc"
+        measured = self.n >= self.warmup
+        if measured:
+            self.times[mode].append(elapsed)
+        # The calls of this interval: the previous update's trailing gc.collect and this rollout's.
+        self.calls[mode][0] += self.gc.calls if measured else 0
+        self.calls[mode][1] += self.empty_cache_calls if measured else 0
+        self.others(self.n, measured)
+        self.n += 1
+        self.gc.enabled = self.n % 2 == 0
+        self.gc.calls = self.empty_cache_calls = 0
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def patched(self):
+        """Route ppo_trainer's `gc` and `empty_cache` through counters; record sampled lengths."""
+        module = self.module
+        saved = module.gc, module.empty_cache, module.batch_generation
+        real_empty, real_generation = module.empty_cache, module.batch_generation
+
+        def counted_empty_cache():
+            self.empty_cache_calls += 1
+            real_empty()
+
+        def recorded_generation(model, queries, *a, **k):
+            query_responses, logits = real_generation(model, queries, *a, **k)
+            self.sampled.append(query_responses.shape[1] - queries.shape[1])
+            return query_responses, logits
+
+        module.gc, module.empty_cache, module.batch_generation = (
+            self.gc,
+            counted_empty_cache,
+            recorded_generation,
+        )
+        try:
+            yield
+        finally:
+            module.gc, module.empty_cache, module.batch_generation = saved
+
+
+def build_trl(tok, config, state, prompts, args, minibatches: int, updates: int):
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer as TRLPPOTrainer
+
+    dataset = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in prompts]})
+    trl_args = TRLPPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), report_to="none", save_strategy="no",
+        eval_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        learning_rate=LR, lr_scheduler_type="constant", num_ppo_epochs=args.epochs,
+        num_mini_batches=minibatches, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, local_rollout_forward_batch_size=args.batch_size,
+        response_length=args.response_tokens, stop_token=None, stop_token_id=None,
+        missing_eos_penalty=None, temperature=1.0, kl_coef=0.05, vf_coef=0.1, cliprange=0.2,
+        cliprange_value=0.2, gamma=1.0, lam=0.95, num_sample_generations=0,
+        total_episodes=updates * args.batch_size, disable_tqdm=True, logging_steps=1, seed=0,
+    )  # fmt: skip
+    trainer = TRLPPOTrainer(
+        args=trl_args, processing_class=tok, model=fresh_lm(config, state),
+        ref_model=fresh_lm(config, state), reward_model=fresh_classifier(config, state),
+        value_model=fresh_classifier(config, state), train_dataset=dataset,
+    )  # fmt: skip
+    for cb in (PrinterCallback, ProgressCallback):  # keep stdout for the table
+        trainer.remove_callback(cb)
+    return trainer
+
+
+# ----- the passes an update cannot avoid ---------------------------------------------------
+class Passes:
+    """Each model pass of one update, alone, on the same shapes as our step."""
+
+    def __init__(self, tok, config, state, prompts, args, minibatches: int):
+        self.tok, self.args, self.minibatch = tok, args, args.batch_size // minibatches
+        self.policy = PolicyWithValueHead(fresh_lm(config, state)).eval()
+        self.ref = fresh_lm(config, state)
+        self.reward = RewardModel(fresh_lm(config, state), freeze_base=True, tokenizer=tok).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=LR, eps=1e-5, weight_decay=0.0
+        )
+        self.generator = torch.Generator().manual_seed(0)
+        self.prompt_ids, self.prompt_mask, _ = encode_prompts(tok, prompts)  # (B, P)
+        self.response = self.sample()  # (B, R)
+        self.ids = torch.cat([self.prompt_ids, self.response], 1)  # (B, P+R)
+        self.mask = torch.ones_like(self.ids)  # (B, P+R)
+        self.mask[:, : self.prompt_ids.shape[1]] = self.prompt_mask
+
+    def sample(self) -> torch.Tensor:
+        return sample_responses(
+            self.policy.lm, self.prompt_ids, self.prompt_mask, self.args.response_tokens,
+            self.tok.eos_token_id, self.tok.pad_token_id, 1.0, 0, 1.0, self.generator,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def policy_forward(self):
+        self.policy(self.ids, self.mask)
+
+    @torch.no_grad()
+    def ref_forward(self):
+        self.ref(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=position_ids_from_mask(self.mask),
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def reward_forward(self):
+        # Our scorer appends one EOS to rows that never ended, so it reads P+R+1 tokens.
+        B = self.ids.shape[0]
+        ids = torch.cat([self.ids, torch.full((B, 1), self.tok.eos_token_id)], 1)  # (B, P+R+1)
+        self.reward(ids, torch.ones_like(ids))
+
+    def train_passes(self):
+        """ppo_epochs x minibatches of forward, backward and AdamW step, with the lightest loss."""
+        B, P = self.ids.shape[0], self.prompt_ids.shape[1]
+        for _ in range(self.args.epochs):
+            for start in range(0, B, self.minibatch):
+                mb = slice(start, start + self.minibatch)
+                logits, values = self.policy(self.ids[mb], self.mask[mb])  # (M, P+R, V), (M, P+R)
+                logprobs = logprobs_from_logits(logits[:, P - 1 : -1], self.response[mb])  # (M, R)
+                loss = -logprobs.mean() + values[:, P - 1 : -1].pow(2).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+
+    NAMES = {
+        "sample": "sampling R tokens (KV cache)",
+        "policy_forward": "policy + value forward, no grad",
+        "ref_forward": "reference forward, no grad",
+        "reward_forward": "reward-model forward",
+        "train_passes": "epochs x minibatches of fwd+bwd+AdamW",
+    }
+
+    def time_all(self, out: dict) -> None:
+        for name in self.NAMES:
+            t0 = time.perf_counter()
+            getattr(self, name)()
+            out.setdefault(name, []).append(time.perf_counter() - t0)
+
+
+# ----- the run -------------------------------------------------------------------------------
+def run_config(tok, config, state, prompts, args, minibatches: int) -> dict:
+    import trl.experimental.ppo.ppo_trainer as trl_module
+
+    P = encode_prompts(tok, prompts)[0].shape[1]
+    warmup = 2  # updates of every path before measuring
+    ours = build_ours(tok, config, state, args, minibatches)
+    ours_sep = (
+        build_ours(tok, config, state, args, minibatches, value_model="reward")
+        if args.separate_value
+        else None
+    )
+    passes = Passes(tok, config, state, prompts, args, minibatches)
+    results = {"ours": {}, "ours_separate_value": {}, "passes": {}}
+
+    def others(n: int, measured: bool) -> None:
+        # After every TRL update: one step of ours; then alternately the passes and the other variant.
+        sink = results if measured else {k: {} for k in results}
+        time_ours(ours, prompts, P, sink["ours"])
+        if n % 2 == 0 or not measured:
+            passes.time_all(sink["passes"])
+        if ours_sep is not None and (n % 2 == 1 or not measured):
+            time_ours(ours_sep, prompts, P, sink["ours_separate_value"])
+        if measured and n % 4 == 3:
+            print(f"  {minibatches} minibatch(es), {n + 1 - warmup} updates measured: ours "
+                  f"{median(results['ours']['step_s']):.3f}s  trl {median(driver.times['trl']):.3f}s  "
+                  f"trl-no-gc {median(driver.times['trl_no_gc']):.3f}s", file=sys.stderr, flush=True)  # fmt: skip
+
+    driver = Interleaver(trl_module, others, warmup)
+    trl = build_trl(tok, config, state, prompts, args, minibatches, updates=warmup + 2 * args.steps)
+    trl.add_callback(driver)
+    with driver.patched():
+        trl.train()
+    results["trl"] = {"step_s": driver.times["trl"], "sampled_tokens": driver.sampled}
+    results["trl_no_gc"] = {"step_s": driver.times["trl_no_gc"]}
+    for mode in ("trl", "trl_no_gc"):
+        n = max(1, len(driver.times[mode]))
+        results[mode]["gc_collect_per_update"] = driver.calls[mode][0] / n
+        results[mode]["empty_cache_per_update"] = driver.calls[mode][1] / n
+    if ours_sep is None:
+        del results["ours_separate_value"]
+    summary = {
+        name: {k: median(v) for k, v in r.items() if isinstance(v, list)}
+        for name, r in results.items()
+    }
+    summary["passes"]["sum"] = sum(summary["passes"][k] for k in Passes.NAMES)
+    return {
+        "samples": results,
+        "median": summary,
+        "trl_optimizer": _describe_optimizer(trl.optimizer),
+    }
+
+
+def _describe_optimizer(opt) -> str:
+    inner = getattr(opt, "optimizer", opt)
+    d = inner.defaults
+    return f"{type(inner).__name__}(foreach={d.get('foreach')}, fused={d.get('fused')})"
+
+
+def report(res: dict, minibatches: int, args) -> tuple[str, dict]:
+    m = res["median"]
+    ours, trl, nogc, passes = (
+        m["ours"]["step_s"],
+        m["trl"]["step_s"],
+        m["trl_no_gc"]["step_s"],
+        m["passes"],
+    )
+    ratios = {
+        "trl_shipped_over_ours": trl / ours,
+        "trl_no_gc_over_ours": nogc / ours,
+        "ours_over_sum_of_passes": ours / passes["sum"],
+    }
+    n = len(res["samples"]["ours"]["step_s"]), len(res["samples"]["trl"]["step_s"])
+    lines = [
+        f"### {args.batch_size} prompts x {args.response_tokens} tokens, {args.epochs} epochs, "
+        f"{minibatches} minibatch{'es' if minibatches > 1 else ''} (minibatch {args.batch_size // minibatches})",
+        "",
+        "| implementation | s / update (median) | vs ours |",
+        "| --- | ---: | ---: |",
+        f"| ours (`rlhf.ppo.PPOTrainer.step`) | {ours:.3f} | 1.00x |",
+    ]
+    if "ours_separate_value" in m:
+        sep = m["ours_separate_value"]["step_s"]
+        lines.append(
+            f'| ours, `value_model="reward"` (separate value net, as TRL) | {sep:.3f} | {sep / ours:.2f}x |'
+        )
+        ratios["trl_shipped_over_ours_separate_value"] = trl / sep
+        ratios["trl_no_gc_over_ours_separate_value"] = nogc / sep
+    lines += [
+        f"| TRL 1.12.0 `PPOTrainer`, as shipped | {trl:.3f} | {trl / ours:.2f}x |",
+        f"| TRL 1.12.0 `PPOTrainer`, its `gc.collect()` calls skipped | {nogc:.3f} | {nogc / ours:.2f}x |",
+        "",
+        "| our step, by phase (metrics) | s | the pass it cannot avoid, alone | s |",
+        "| --- | ---: | --- | ---: |",
+        f"| generate (`time/generate_s`) | {m['ours']['time/generate_s']:.3f} | {Passes.NAMES['sample']} | {passes['sample']:.3f} |",
+        f"| forward (`time/forward_s`) | {m['ours']['time/forward_s']:.3f} | {Passes.NAMES['policy_forward']} + {Passes.NAMES['ref_forward']} | {passes['policy_forward'] + passes['ref_forward']:.3f} |",
+        f"| score (`time/score_s`) | {m['ours']['time/score_s']:.3f} | {Passes.NAMES['reward_forward']} | {passes['reward_forward']:.3f} |",
+        f"| update (`time/update_s`) | {m['ours']['time/update_s']:.3f} | {Passes.NAMES['train_passes']} | {passes['train_passes']:.3f} |",
+        f"| whole step (`time/step_s`) | {m['ours']['time/step_s']:.3f} | sum of the passes | {passes['sum']:.3f} |",
+        "",
+        f"- TRL as shipped / ours: **{ratios['trl_shipped_over_ours']:.2f}x** (goal >= 3): "
+        f"{'met' if ratios['trl_shipped_over_ours'] >= 3 else 'MISSED'}",
+        f"- TRL without gc.collect / ours: **{ratios['trl_no_gc_over_ours']:.2f}x** (goal >= 1.5): "
+        f"{'met' if ratios['trl_no_gc_over_ours'] >= 1.5 else 'MISSED'}",
+        f"- ours / sum of unavoidable passes: **{ratios['ours_over_sum_of_passes']:.2f}x** (goal <= 1.3): "
+        f"{'met' if ratios['ours_over_sum_of_passes'] <= 1.3 else 'MISSED'}",
+        f"- samples: {n[0]} of ours, {n[1]} of each TRL variant; tokens sampled per update: ours "
+        f"{sorted(set(res['samples']['ours']['sampled_tokens']))}, TRL {sorted(set(res['samples']['trl']['sampled_tokens']))}; "
+        f"TRL calls per update: gc.collect {res['samples']['trl']['gc_collect_per_update']:g} "
+        f"(skipped: {res['samples']['trl_no_gc']['gc_collect_per_update']:g} calls, made no-ops), "
+        f"empty_cache {res['samples']['trl']['empty_cache_per_update']:g}; TRL optimizer {res['trl_optimizer']}",
+    ]
+    return "\n".join(lines), ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=12,
+        help="measured updates of each TRL variant per config (ours gets twice as many)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per update")
+    parser.add_argument(
+        "--response-tokens", type=int, default=24, help="tokens sampled per response"
+    )
+    parser.add_argument("--epochs", type=int, default=4, help="PPO epochs per update")
+    parser.add_argument(
+        "--minibatches", default="1,4", help="comma-separated minibatch counts to run"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-separate-value", dest="separate_value", action="store_false",
+                        help="skip the extra row for our separate value network")  # fmt: skip
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import transformers
+    import trl
+
+    tok, config, state = build_base()
+    prompts = corpus.prompts(args.batch_size, seed=0)
+    env = {
+        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "trl": trl.__version__, "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads, "n_parameters": sum(p.numel() for p in state.values()),
+        "prompt_tokens": encode_prompts(tok, prompts)[0].shape[1], "loadavg_start": os.getloadavg(),
+    }  # fmt: skip
+    print(f"# PPO update: ours vs TRL {trl.__version__} (torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, {env['date']})\n")  # fmt: skip
+    out = {"env": env, "args": vars(args), "configs": {}}
+    for minibatches in (int(x) for x in args.minibatches.split(",")):
+        res = run_config(tok, config, state, prompts, args, minibatches)
+        if torch.get_num_threads() != args.threads:
+            print(f"warning: torch threads changed to {torch.get_num_threads()}", file=sys.stderr)
+        table, ratios = report(res, minibatches, args)
+        print(table + "\n", flush=True)
+        out["configs"][str(minibatches)] = {
+            "median": res["median"],
+            "ratios": ratios,
+            "samples": res["samples"],
+        }
+    env["loadavg_end"] = os.getloadavg()
+    print(
+        f"load average (1, 5, 15 min) at start {env['loadavg_start']}, at end {env['loadavg_end']}"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

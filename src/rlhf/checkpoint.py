@@ -1,0 +1,93 @@
+"""PPO checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder `checkpoints/step-NNNNNN/` (N = completed steps) holding the policy and
+value weights (safetensors) and `state.pt` (optimizer, scheduler, KL controller, random generator
+states, prompt-stream position), loaded back with `torch.load(weights_only=True)`. It is written to
+a temporary folder and renamed into place, so a crash mid-write leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .errors import InputError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / "state.pt").is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int = 2) -> Path:
+    """Write the trainer's full state after `step` completed steps; keep the newest `keep`."""
+    root = Path(out) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step:06d}"
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_model(trainer.policy, str(staging / "policy.safetensors"))
+        if trainer.value_model is not None:
+            save_model(trainer.value_model, str(staging / "value_model.safetensors"))
+        state = {
+            "step": step,
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "kl_ctl": trainer.kl_ctl.state_dict(),
+            "generator": trainer.generator.get_state(),
+            "cpu_generator": trainer.cpu_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "trainer_step": trainer.step_count,
+            **extra,
+        }
+        torch.save(state, staging / "state.pt")
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: str | Path, trainer) -> dict:
+    """Restore the trainer from a checkpoint folder; returns the saved state (with `extra`)."""
+    path = Path(path)
+    try:
+        state = torch.load(path / "state.pt", weights_only=True)
+    except Exception as exc:  # a damaged file: say which, not a pickle traceback
+        raise InputError(
+            f"{path / 'state.pt'}: cannot read checkpoint ({type(exc).__name__})"
+        ) from None
+    load_model(trainer.policy, str(path / "policy.safetensors"))
+    if trainer.value_model is not None:
+        load_model(trainer.value_model, str(path / "value_model.safetensors"))
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+    trainer.generator.set_state(state["generator"])
+    trainer.cpu_generator.set_state(state["cpu_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    trainer.step_count = state["trainer_step"]
+    return state

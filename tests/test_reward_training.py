@@ -1,0 +1,150 @@
+"""Reward-model training end to end: the CLI on a tiny saved model, the tokenizer, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf.cli import main
+from rlhf.models import RewardModel
+from rlhf.task.tokenizer import train_tokenizer
+
+PAIRS = [
+    ("the acting was", "superb and the story was moving .", "dull and the ending felt weak ."),
+    ("this phone", "is great . the battery lasts all day .", "broke after a week ."),
+    ("the plot", "was moving and i loved it .", "was dull ."),
+    ("the blender", "works well .", "is loud and broke ."),
+] * 6
+
+
+def _write_pairs(path, fmt="ab"):
+    with open(path, "w") as f:
+        for i, (p, good, bad) in enumerate(PAIRS):
+            if fmt == "ab":
+                a, b = (good, bad) if i % 2 == 0 else (bad, good)
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": p,
+                            "response_A": a,
+                            "response_B": b,
+                            "preference": "A" if i % 2 == 0 else "B",
+                        }
+                    )
+                    + "\n"
+                )
+            else:
+                f.write(json.dumps({"prompt": p, "chosen": good, "rejected": bad}) + "\n")
+
+
+@pytest.mark.parametrize("fmt", ["ab", "chosen_rejected"])
+def test_train_reward_cli_on_a_tiny_model(tmp_path, tiny_model_dir, fmt, capsys):
+    data = tmp_path / "prefs.jsonl"
+    _write_pairs(data, fmt)
+    out = tmp_path / "rm"
+    code = main([
+        "train-reward", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out),
+        "--epochs", "8", "--batch-size", "8", "--lr", "3e-3", "--eval-fraction", "0.25",
+        "--normalise-samples", "16", "--response-tokens", "8",
+    ])  # fmt: skip
+    assert code == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    result = json.loads((out / "reward_eval.json").read_text())
+    assert {"accuracy", "ceiling", "loss", "margin"} <= set(result)
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == str(data) and config["epochs"] == 8
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in logged if "reward/loss" in r]
+    assert {"reward/loss", "reward/accuracy", "reward/margin"} <= set(rows[0])
+    assert any("reward/eval_accuracy" in r for r in logged)
+    # The pairs are easy and repeated: the trained model must rank the held-out pairs correctly,
+    # and its loss must have fallen.
+    assert result["accuracy"] == 1.0
+    assert rows[-1]["reward/loss"] < rows[0]["reward/loss"]
+    # The saved model loads back and the base weights moved (the whole model is fine-tuned).
+    from transformers import AutoModelForCausalLM
+
+    rm = RewardModel.from_pretrained(out / "reward_model")
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(
+        rm.base_model.transformer.h[0].mlp.c_fc.weight, before.transformer.h[0].mlp.c_fc.weight
+    )
+
+
+def test_bad_preference_file_gives_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "response_A": "a", "response_B": "b", "preference": "C"}\n'
+    )
+    out = tmp_path / "rm"
+    out.mkdir()
+    (out / "keep.txt").write_text("existing output")
+    code = main(
+        ["train-reward", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "bad.jsonl:2" in err and "preference" in err
+    assert (out / "keep.txt").read_text() == "existing output"
+    assert not (out / "config.json").exists()
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    _write_pairs(data)
+    code = main(
+        [
+            "train-reward",
+            "--data",
+            str(data),
+            "--model",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "option,value", [("--epochs", "0"), ("--batch-size", "-1"), ("--eval-fraction", "1.5")]
+)
+def test_bad_option_values(tmp_path, option, value, capsys):
+    code = main(["train-reward", "--out", str(tmp_path / "o"), option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and option in err
+
+
+def test_tokenizer_is_deterministic_and_pads_with_a_distinct_token():
+    texts = ["the acting was superb .", "the plot was dull .", "this phone is great ."] * 30
+    a, b = train_tokenizer(texts, 300), train_tokenizer(texts, 300)
+    assert a.get_vocab() == b.get_vocab()
+    ids = a("the acting was superb .")["input_ids"]
+    assert (
+        ids[0] == a.bos_token_id
+        and a.decode(ids, skip_special_tokens=True) == "the acting was superb ."
+    )
+    assert a.pad_token_id is not None and a.pad_token_id != a.eos_token_id
+
+
+def test_tokenizer_round_trips_through_save_pretrained(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(["the acting was superb .", "the plot was dull ."] * 20, 280)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded("the plot was superb .")["input_ids"] == tok("the plot was superb .")["input_ids"]
+    assert loaded.pad_token == "<|pad|>" and loaded.eos_token == "<|endoftext|>"
+
+
+@pytest.mark.slow
+def test_default_task_reward_model_reaches_085(tmp_path):
+    """The issue's bar: on the built-in task, held-out accuracy of at least 0.85 (about 3 minutes)."""
+    from rlhf.reward import RewardConfig, train_reward
+
+    result = train_reward(RewardConfig(out=str(tmp_path / "rm")), progress=False)
+    assert result["accuracy"] >= 0.85

@@ -154,6 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png beside it.",
     )
     plot.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `rlhf ppo`")
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="the reward-KL frontier: one PPO run per KL coefficient, plus best-of-n",
+        description=(
+            "Run PPO once per --kl-coefs value on the built-in task, sample a best-of-n baseline from the "
+            "reference, and plot gold and proxy score against d = sqrt(KL) with the functional forms of "
+            "Gao, Schulman and Hilton (2022) fitted. Writes sweep.png and sweep.json to --out."
+        ),
+    )
+    sweep.add_argument(
+        "--kl-coefs",
+        default="0,0.01,0.03,0.1,0.3",
+        help="comma-separated KL coefficients (default: 0,0.01,0.03,0.1,0.3)",
+    )
+    sweep.add_argument("--steps", type=int, default=60, help="PPO steps per run (default: 60)")
+    sweep.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (default: 1e-4)")
+    sweep.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    sweep.add_argument(
+        "--cache-dir", default=None, help="cache for the built-in base and reward models"
+    )
     return parser
 
 

@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 
 import torch
@@ -64,6 +65,7 @@ from rlhf.task import corpus  # noqa: E402
 from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
 
 LR = 1e-5  # any constant will do for timing; the same for both
+CLOCK = time.perf_counter  # --clock cpu swaps in time.process_time, here and inside rlhf.ppo
 
 
 # ----- shared setup ------------------------------------------------------------------------
@@ -119,9 +121,9 @@ def build_ours(
 
 def time_ours(trainer: PPOTrainer, prompts: list[str], P: int, out: dict) -> None:
     """One `step`, timed from outside, with its own phase timings and the number of tokens sampled."""
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     metrics = trainer.step(prompts)
-    out.setdefault("step_s", []).append(time.perf_counter() - t0)
+    out.setdefault("step_s", []).append(CLOCK() - t0)
     for key in (
         "time/generate_s",
         "time/forward_s",
@@ -164,10 +166,10 @@ class Interleaver(TrainerCallback):
         self.n = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = CLOCK()
 
     def on_step_end(self, args, state, control, **kwargs):
-        elapsed = time.perf_counter() - self.start
+        elapsed = CLOCK() - self.start
         mode = "trl" if self.gc.enabled else "trl_no_gc"
         measured = self.n >= self.warmup
         if measured:
@@ -179,7 +181,7 @@ class Interleaver(TrainerCallback):
         self.n += 1
         self.gc.enabled = self.n % 2 == 0
         self.gc.calls = self.empty_cache_calls = 0
-        self.start = time.perf_counter()
+        self.start = CLOCK()
 
     @contextlib.contextmanager
     def patched(self):
@@ -304,9 +306,9 @@ class Passes:
 
     def time_all(self, out: dict) -> None:
         for name in self.NAMES:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             getattr(self, name)()
-            out.setdefault(name, []).append(time.perf_counter() - t0)
+            out.setdefault(name, []).append(CLOCK() - t0)
 
 
 # ----- the run -------------------------------------------------------------------------------
@@ -382,11 +384,12 @@ def report(res: dict, minibatches: int, args) -> tuple[str, dict]:
         "ours_over_sum_of_passes": ours / passes["sum"],
     }
     n = len(res["samples"]["ours"]["step_s"]), len(res["samples"]["trl"]["step_s"])
+    unit = "s" if args.clock == "wall" else "CPU s"
     lines = [
         f"### {args.batch_size} prompts x {args.response_tokens} tokens, {args.epochs} epochs, "
         f"{minibatches} minibatch{'es' if minibatches > 1 else ''} (minibatch {args.batch_size // minibatches})",
         "",
-        "| implementation | s / update (median) | vs ours |",
+        f"| implementation | {unit} / update (median) | vs ours |",
         "| --- | ---: | ---: |",
         f"| ours (`rlhf.ppo.PPOTrainer.step`) | {ours:.3f} | 1.00x |",
     ]
@@ -401,7 +404,7 @@ def report(res: dict, minibatches: int, args) -> tuple[str, dict]:
         f"| TRL 1.12.0 `PPOTrainer`, as shipped | {trl:.3f} | {trl / ours:.2f}x |",
         f"| TRL 1.12.0 `PPOTrainer`, its `gc.collect()` calls skipped | {nogc:.3f} | {nogc / ours:.2f}x |",
         "",
-        "| our step, by phase (metrics) | s | the pass it cannot avoid, alone | s |",
+        f"| our step, by phase (metrics) | {unit} | the pass it cannot avoid, alone | {unit} |",
         "| --- | ---: | --- | ---: |",
         f"| generate (`time/generate_s`) | {m['ours']['time/generate_s']:.3f} | {Passes.NAMES['sample']} | {passes['sample']:.3f} |",
         f"| forward (`time/forward_s`) | {m['ours']['time/forward_s']:.3f} | {Passes.NAMES['policy_forward']} + {Passes.NAMES['ref_forward']} | {passes['policy_forward'] + passes['ref_forward']:.3f} |",
@@ -443,9 +446,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-separate-value", dest="separate_value", action="store_false",
                         help="skip the extra row for our separate value network")  # fmt: skip
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed seconds; cpu: this process's CPU seconds (use with --threads 1 on a busy machine)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        # CPU seconds of this process: robust to other load, but with more than one thread it
+        # also counts the threads' spin-waits. rlhf.ppo's phase timings switch clocks too.
+        global CLOCK
+        CLOCK = time.process_time
+        import rlhf.ppo
+
+        rlhf.ppo.time = types.SimpleNamespace(perf_counter=time.process_time)
 
     import transformers
     import trl
@@ -455,11 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "trl": trl.__version__, "cpu_count": os.cpu_count(),
-        "torch_threads": args.threads, "n_parameters": sum(p.numel() for p in state.values()),
+        "torch_threads": args.threads, "clock": args.clock, "n_parameters": sum(p.numel() for p in state.values()),
         "prompt_tokens": encode_prompts(tok, prompts)[0].shape[1], "loadavg_start": os.getloadavg(),
     }  # fmt: skip
     print(f"# PPO update: ours vs TRL {trl.__version__} (torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, {env['date']})\n")  # fmt: skip
+          f"{transformers.__version__}, {args.threads} threads, {args.clock} clock, {os.cpu_count()} CPUs, {env['date']})\n")  # fmt: skip
     out = {"env": env, "args": vars(args), "configs": {}}
     for minibatches in (int(x) for x in args.minibatches.split(",")):
         res = run_config(tok, config, state, prompts, args, minibatches)

@@ -2,8 +2,10 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` (N = completed steps) holding the policy and
 value weights (safetensors) and `state.pt` (optimizer, scheduler, KL controller, random generator
-states, prompt-stream position), loaded back with `torch.load(weights_only=True)`. It is written to
-a temporary folder and renamed into place, so a crash mid-write leaves the previous one intact.
+states, prompt-stream position, the metrics logged so far), loaded back with
+`torch.load(weights_only=True)`. It is written to a temporary folder, flushed to disk and renamed
+into place, so a crash mid-write leaves the previous one intact; the next save removes the
+half-written folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int 
     """Write the trainer's full state after `step` completed steps; keep the newest `keep`."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     target = root / f"step-{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
@@ -63,12 +67,27 @@ def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int 
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+        _fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, trainer) -> dict:

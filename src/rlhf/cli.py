@@ -234,6 +234,15 @@ COMMANDS = {
 }
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars from transformers: the commands draw their own progress."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers imports
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -241,11 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_transformers()
     try:
         COMMANDS[args.command](args)
     except RLHFError as exc:
-        print(f"rlhf {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (ppo_train.Interrupted)
+        label = "error: " if code == 2 else ""
+        print(f"rlhf {args.command}: {label}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"\nrlhf {args.command}: interrupted", file=sys.stderr)
         return 130

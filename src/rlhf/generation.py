@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .models import position_ids_from_mask
 
 
@@ -36,6 +37,46 @@ def encode_prompts(
             ids[i, P - len(row) :] = torch.tensor(row)
             mask[i, P - len(row) :] = 1
     return ids.to(device), mask.to(device), truncated
+
+
+def truncate_prompts(tokenizer, prompts: list[str], max_tokens: int) -> tuple[list[str], int]:
+    """Prompts longer than `max_tokens` tokens (counting the tokenizer's BOS) keep their last tokens.
+
+    Returns the prompts, as text, and how many were cut; the cut text encodes to at most about
+    `max_tokens` tokens again (byte-level tokenizers can merge differently at the cut).
+    """
+    n_special = len(tokenizer("")["input_ids"])  # tokens the tokenizer adds itself (BOS)
+    keep = max(1, max_tokens - n_special)
+    out, cut = [], 0
+    for prompt, ids in zip(prompts, tokenizer(prompts)["input_ids"]):
+        if len(ids) > max_tokens:
+            cut += 1
+            body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt = tokenizer.decode(body[-keep:])
+        out.append(prompt)
+    return out, cut
+
+
+def apply_chat_template(tokenizer, prompts: list[str], source: str = "the tokenizer") -> list[str]:
+    """Each prompt as a user turn of the tokenizer's chat template, ready for the reply.
+
+    A BOS that the template writes is dropped when the tokenizer adds one itself, so it is not
+    doubled.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"--chat-template: {source} has no chat template (no chat_template in "
+            "tokenizer_config.json or chat_template.jinja); leave the option off"
+        )
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
+    out = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        out.append(text[len(bos) :] if adds_bos and text.startswith(bos) else text)
+    return out
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -8,19 +8,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 PAD_TOKEN = "<|pad|>"
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """`auto` takes CUDA when present, else the CPU."""
+    """`auto` takes CUDA when present, else the CPU; a device that is not there is a `ConfigError`."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device: unknown device {requested!r}; use auto, cpu or cuda"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: no CUDA device here; use --device cpu")
+    return device
 
 
-def _check_model_dir(directory: str | Path) -> Path:
+def check_model_dir(directory: str | Path) -> Path:
+    """The folder as a Path if it looks like a local Hugging Face model folder; else `InputError`."""
     path = Path(directory)
     if not path.exists():
         raise InputError(f"{path}: model folder does not exist (models are never downloaded)")
@@ -31,6 +40,34 @@ def _check_model_dir(directory: str | Path) -> Path:
     return path
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
+def _check_causal(model: nn.Module, path: Path) -> None:
+    """Fail when the model's prediction at a position depends on later tokens (an encoder).
+
+    Two sequences that differ only in their last token go through one at a time, so a causal
+    model computes their common prefix with the same kernels and gives the same logits there.
+    """
+    n = model.get_input_embeddings().num_embeddings
+    heads = []
+    for last in (4, 5):
+        ids = torch.tensor([[1, 2, 3, last]]) % n  # (1, 4)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (1, 4, V)
+        heads.append(logits[0, :3].float())  # (3, V)
+    scale = heads[0].abs().max().item()
+    if (heads[0] - heads[1]).abs().max().item() > 1e-5 * (1.0 + scale):
+        raise InputError(
+            f"{path}: not a causal language model ({type(model).__name__} looks at later tokens; "
+            "an encoder such as BERT cannot generate text)"
+        )
+
+
 def load_causal_lm(
     directory: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -38,32 +75,55 @@ def load_causal_lm(
     # Imported here: transformers takes a second to import and the CLI's --help should not wait.
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = _check_model_dir(directory)
+    path = check_model_dir(directory)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = AutoConfig.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=True
         )
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise InputError(f"{path}/config.json: {str(exc).splitlines()[0]}") from None
+    pickled = [name for name in PICKLE_WEIGHTS if (path / name).is_file()]
+    if pickled and not list(path.glob("*.safetensors")):
+        raise InputError(
+            f"{path}: weights are only in {pickled[0]} (pickle, which can run code when loaded); "
+            "rlhf reads safetensors only: convert them where you trust the file, with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    # transformers' own warnings are turned into errors below (missing weights, an encoder), so
+    # they are silenced while loading: a bad folder gives one line, not a warning and a line.
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
             use_safetensors=True,
             dtype=dtype,
+            output_loading_info=True,
         )
     except ValueError as exc:
         raise InputError(
             f"{path}: not a causal language model ({str(exc).splitlines()[0]})"
         ) from None
-    except OSError as exc:
+    except Exception as exc:  # OSError for no file, RuntimeError for shapes, a damaged file
         raise InputError(
             f"{path}: cannot load weights ({str(exc).splitlines()[0]}); weights must be in safetensors"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"])
+    if missing:
+        raise InputError(
+            f"{path}: the safetensors files lack {len(missing)} of the model's tensors (first: "
+            f"{missing[0]}); the folder does not hold this model's weights"
+        )
     model.eval()  # dropout off during RL (ppo-details 2); training loops call train() only when needed
+    _check_causal(model, path)
     return model
 
 
@@ -71,13 +131,21 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     """The tokenizer saved beside a model, with a padding token that is not EOS (ppo-details 3)."""
     from transformers import AutoTokenizer
 
-    path = _check_model_dir(directory)
+    path = check_model_dir(directory)
+    missing = InputError(
+        f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
+        "tokenizer beside the model with tokenizer.save_pretrained"
+    )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise missing
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=True
         )
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    if not tokenizer.vocab_size:  # transformers builds an empty tokenizer from config.json alone
+        raise missing
     return ensure_pad_token(tokenizer)
 
 
@@ -103,6 +171,7 @@ def match_vocab(model: nn.Module, tokenizer, source: str | Path = "model") -> No
     if len(tokenizer) > n_embeddings:
         if len(tokenizer) == n_embeddings + 1 and tokenizer.pad_token == PAD_TOKEN:
             model.resize_token_embeddings(len(tokenizer))
+            model.config.pad_token_id = tokenizer.pad_token_id  # saved with the model
             return
         raise InputError(
             f"{source}: tokenizer has {len(tokenizer)} tokens but the model has only "

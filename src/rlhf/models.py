@@ -154,20 +154,21 @@ class RewardModel(nn.Module):
         cls, directory: str | Path, trust_remote_code: bool = False, **model_kwargs
     ) -> RewardModel:
         """Load a reward model saved by `save_pretrained` (safetensors only, nothing from a hub)."""
-        from .loading import load_causal_lm, load_tokenizer
+        from .loading import load_causal_lm, load_tokenizer, match_vocab
 
-        directory = Path(directory)
+        directory = check_reward_model_dir(directory)
         head_path = directory / REWARD_HEAD_FILE
-        if not head_path.is_file():
+        try:
+            config = json.loads((directory / REWARD_CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
             raise InputError(
-                f"{directory}: not a reward model folder (no {REWARD_HEAD_FILE}); "
-                "train one with `rlhf train-reward`"
-            )
-        base = load_causal_lm(directory, trust_remote_code=trust_remote_code, **model_kwargs)
+                f"{directory / REWARD_CONFIG_FILE}: cannot read ({type(exc).__name__})"
+            ) from None
         tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
-        config = json.loads((directory / REWARD_CONFIG_FILE).read_text())
+        base = load_causal_lm(directory, trust_remote_code=trust_remote_code, **model_kwargs)
+        match_vocab(base, tokenizer, directory)
         model = cls(base, freeze_base=config.get("freeze_base", True), tokenizer=tokenizer)
-        head = load_file(str(head_path))
+        head = _load_safetensors(head_path)
         if head["weight"].shape != model.reward_head.weight.shape:
             raise InputError(
                 f"{head_path}: head shape {tuple(head['weight'].shape)} does not match the base "
@@ -179,6 +180,26 @@ class RewardModel(nn.Module):
             model.reward_gain.fill_(float(head["gain"]))
             model.reward_bias.fill_(float(head["offset"]))
         return model
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a damaged file: say which, not the reader's traceback
+        raise InputError(f"{path}: cannot read ({str(exc).splitlines()[0]})") from None
+
+
+def check_reward_model_dir(directory: str | Path) -> Path:
+    """The folder as a Path if it holds a reward model saved by `RewardModel.save_pretrained`."""
+    from .loading import check_model_dir
+
+    directory = check_model_dir(directory)
+    if not (directory / REWARD_HEAD_FILE).is_file():
+        raise InputError(
+            f"{directory}: not a reward model folder (no {REWARD_HEAD_FILE}); "
+            "train one with `rlhf train-reward`"
+        )
+    return directory
 
 
 class PolicyWithValueHead(nn.Module):
@@ -215,7 +236,31 @@ class PolicyWithValueHead(nn.Module):
             save_file(tensors, str(tmp))
 
     def load_value_head(self, directory: str | Path) -> None:
-        tensors = load_file(str(Path(directory) / VALUE_HEAD_FILE))
+        """Read the value head written by `save_value_head` (safetensors) into this policy."""
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.is_file():
+            raise InputError(
+                f"{path}: no value head here (written by `rlhf ppo` beside the policy)"
+            )
+        tensors = _load_safetensors(path)
+        if tensors["weight"].shape != self.value_head.weight.shape:
+            raise InputError(
+                f"{path}: value head shape {tuple(tensors['weight'].shape)} does not match the "
+                f"model's hidden size {self.value_head.in_features}"
+            )
         with torch.no_grad():
             self.value_head.weight.copy_(tensors["weight"])
             self.value_head.bias.copy_(tensors["bias"])
+
+
+def load_policy(directory: str | Path, trust_remote_code: bool = False) -> PolicyWithValueHead:
+    """A policy saved by `rlhf ppo` (its `policy/` folder): the causal LM with its value head.
+
+    The LM alone loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer beside it with
+    `AutoTokenizer.from_pretrained` (or `rlhf.loading.load_tokenizer`).
+    """
+    from .loading import load_causal_lm
+
+    policy = PolicyWithValueHead(load_causal_lm(directory, trust_remote_code=trust_remote_code))
+    policy.load_value_head(directory)
+    return policy

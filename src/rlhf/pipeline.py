@@ -33,23 +33,21 @@ class DemoConfig:
 
 def demo_config(quick: bool, seed: int, device: str) -> DemoConfig:
     if quick:
+        # Smoke size: a 2 x 64 model, 3,000 pairs, a few PPO steps. About 35 s on 2 cores.
         base = BaseModelConfig(
-            n_reviews=3000, steps=60, n_layer=2, n_embd=64, n_head=2, batch_size=32, seed=seed
+            n_reviews=8000, steps=300, n_layer=2, n_embd=64, n_head=2, batch_size=32, seed=seed
         )
-        reward = RewardConfig(n_pairs=300, epochs=1, normalise_samples=64, seed=seed, device=device)
+        reward = RewardConfig(
+            n_pairs=3000, epochs=2, normalise_samples=128, seed=seed, device=device
+        )
         ppo = PPORunConfig(
-            batch_size=16,
-            minibatch_size=16,
-            response_tokens=16,
-            sample_every=2,
-            seed=seed,
-            device=device,
+            lr=1e-4, batch_size=32, minibatch_size=32, sample_every=2, seed=seed, device=device
         )
-        return DemoConfig(base, reward, ppo, steps=6, side_steps=4)
+        return DemoConfig(base, reward, ppo, steps=16, side_steps=6)
     base = BaseModelConfig(seed=seed)
     reward = RewardConfig(seed=seed, device=device)
     ppo = PPORunConfig(lr=1e-4, seed=seed, device=device)
-    return DemoConfig(base, reward, ppo, steps=100, side_steps=50)
+    return DemoConfig(base, reward, ppo, steps=80, side_steps=40)
 
 
 def run_demo(

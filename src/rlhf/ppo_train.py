@@ -6,9 +6,12 @@ Also the seed's one-call form, `ppo_step(policy_model, reward_model, ref_model, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ class PPORunConfig(PPOConfig):
     """prompt file (.jsonl with a "prompt" field, or plain text, one per line); default: the built-in review openings"""
     max_prompt_tokens: int = 128
     """prompts longer than this keep their last tokens (with one warning)"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template as a user turn (the tokenizer must have one)"""
     sample_every: int = 10
     """write example responses to samples.jsonl every this many steps"""
     gold: bool | None = None
@@ -111,7 +116,8 @@ class HackingDetector:
     Tracks exponential moving averages (weight `smooth`) of the proxy reward, the gold score (when
     there is one) and distinct-2. Hacking is declared at the first step, after `warmup`, where the
     proxy's average is at its running maximum (still rising) while the gold average has fallen
-    `gold_drop` below its peak, or distinct-2 has fallen to `diversity_drop` times its peak.
+    `gold_drop` below its peak or, without a gold judge, distinct-2 has fallen to
+    `diversity_drop` times its peak.
     """
 
     def __init__(
@@ -149,8 +155,11 @@ class HackingDetector:
             reasons.append(
                 f"the gold score fell from {self.peak['objective/gold']:.2f} to {self.avg['objective/gold']:.2f}"
             )
+        # With a gold judge its score is the verdict; text diversity is the signal only without
+        # one (a well-behaved policy's positive reviews are also less varied than the base model's).
         if (
-            "text/distinct_2" in self.avg
+            "objective/gold" not in self.avg
+            and "text/distinct_2" in self.avg
             and self.avg["text/distinct_2"] < self.diversity_drop * self.peak["text/distinct_2"]
         ):
             reasons.append(
@@ -198,13 +207,28 @@ class PromptStream:
 
 
 def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
-    """Prompts, policy, reference, reward model and tokenizer, validated before any training."""
-    from .loading import load_causal_lm, load_tokenizer, match_vocab, pick_device
+    """Prompts, policy, reference, reward model and tokenizer, validated before any training.
 
+    The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
+    the tokenizer's chat template.
+    """
+    from .generation import apply_chat_template, truncate_prompts
+    from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab, pick_device
+    from .models import check_reward_model_dir
+
+    # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
     device = pick_device(cfg.device)
-    if cfg.prompts:
-        prompts = read_prompts(cfg.prompts)
-    else:
+    if cfg.model and not cfg.reward_model:
+        raise ConfigError(
+            "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
+        )
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    for directory in (cfg.model, cfg.ref_model):
+        if directory:
+            check_model_dir(directory)
+    if cfg.reward_model:
+        check_reward_model_dir(cfg.reward_model)
+    if prompts is None:
         from .task import corpus
 
         prompts = corpus.prompts(4096, seed=cfg.seed, split="train")
@@ -215,6 +239,14 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
 
         policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    prompts, n_cut = truncate_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
+    if n_cut:
+        print(
+            f"warning: {n_cut} of {len(prompts)} prompts are longer than --max-prompt-tokens "
+            f"{cfg.max_prompt_tokens}; they keep their last tokens"
+        )
+    if cfg.chat_template:
+        prompts = apply_chat_template(tokenizer, prompts, f"the tokenizer in {policy_dir}")
     policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
     match_vocab(policy, tokenizer, policy_dir)
     ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
@@ -222,14 +254,45 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     match_vocab(ref, tokenizer, ref_dir)
     if cfg.reward_model:
         rm_dir = Path(cfg.reward_model)
-    elif cfg.model:
-        raise ConfigError(
-            "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
-        )
     else:
         rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
     reward_model = RewardModel.from_pretrained(rm_dir, trust_remote_code=cfg.trust_remote_code)
     return prompts, policy.to(device), ref.to(device), reward_model.to(device), tokenizer
+
+
+class _GracefulStop:
+    """Ctrl-C handling for the training loop: the first SIGINT asks the loop to stop after the step
+    in progress (so the checkpoint is of a finished update, never half of one); a second one
+    raises KeyboardInterrupt at once. Installed only in the main thread; the previous handler is
+    restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        # os.write, not print: a handler that prints while the loop is printing can raise.
+        os.write(
+            2,
+            b"\nCtrl-C: stopping after this step to write a checkpoint (Ctrl-C again stops at once)\n",
+        )
+
+    def __enter__(self) -> _GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGINT, previous)
+            self._installed = False
 
 
 def train_ppo(
@@ -241,25 +304,22 @@ def train_ppo(
     from .task.gold import GoldJudge
 
     cfg.validate()
+    out = Path(cfg.out)
+    if cfg.resume and not checkpoint_dirs(out):
+        raise ConfigError(
+            f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
+        )
     set_seed(cfg.seed)
     prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
     builtin_prompts = cfg.prompts is None
     gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
-    long_prompts = sum(len(ids) > cfg.max_prompt_tokens for ids in tokenizer(prompts)["input_ids"])
-    if long_prompts:
-        print(
-            f"warning: {long_prompts} prompts are longer than --max-prompt-tokens {cfg.max_prompt_tokens} and were truncated"
-        )
-        prompts = [
-            tokenizer.decode(ids[-cfg.max_prompt_tokens :], skip_special_tokens=True)
-            for ids in tokenizer(prompts)["input_ids"]
-        ]
     trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold)
-    out = Path(cfg.out)
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed)
     detector = HackingDetector()
     first_step = _resume(out, trainer, stream, detector) if cfg.resume else 0
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:  # a fresh run replaces the folder's run; its checkpoints go with it
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     save_config(out, cfg)
     start = time.perf_counter()
     metrics: dict = {}
@@ -272,10 +332,18 @@ def train_ppo(
     with (
         RunLogger(out, append=resumed) as logger,
         JsonlWriter(out / "samples.jsonl", append=resumed) as samples,
+        _GracefulStop() as stop,
     ):
 
         def checkpoint(done: int) -> Path:
-            extra = {"stream": stream.state_dict(), "detector": dict(vars(detector))}
+            rows = [
+                r for r in read_jsonl(out / "metrics.jsonl", allow_empty=True) if r["step"] < done
+            ]
+            extra = {
+                "stream": stream.state_dict(),
+                "detector": dict(vars(detector)),
+                "metrics": rows,
+            }
             return save_checkpoint(out, done, trainer, extra, keep=cfg.keep_checkpoints)
 
         try:
@@ -297,18 +365,35 @@ def train_ppo(
                     bar.write(f"warning: {warning}")
                 if on_step is not None:
                     on_step(step, metrics)
-                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                    checkpoint(step + 1)
+                done = step + 1
+                if done == cfg.steps:
+                    break  # finished: the final save below is the checkpoint
+                saved = None
+                if cfg.save_every and done % cfg.save_every == 0:
+                    saved = checkpoint(done)
+                if stop.requested:
+                    saved = saved or checkpoint(done)
+                    raise Interrupted(
+                        f"interrupted after {done} of {cfg.steps} steps; saved checkpoint {saved}. "
+                        "Continue with the same command plus --resume"
+                    )
         except KeyboardInterrupt:
-            logger.close()
-            samples.close()
-            # The interrupted step changed nothing that is logged; save the state after `step` steps.
-            # (Its rollout may have updated weights: the checkpoint is of the last completed step.)
-            raise Interrupted(step, checkpoint_after_interrupt(out, trainer, step)) from None
+            # A second Ctrl-C: the step in progress may have changed weights half-way, so nothing
+            # is saved; the newest checkpoint is where to continue from.
+            last = checkpoint_dirs(out)
+            raise Interrupted(
+                f"interrupted during step {step + 1} of {cfg.steps}; continue from checkpoint "
+                f"{last[-1]} with the same command plus --resume"
+                if last
+                else f"interrupted during step {step + 1} of {cfg.steps}, before the first "
+                "checkpoint; run the command again to start over"
+            ) from None
         except NonFiniteError as exc:
             last = checkpoint_dirs(out)
             kept = f"; the last good checkpoint is {last[-1]}" if last else ""
             raise NonFiniteError(f"{exc}{kept}") from None
+        finally:
+            bar.close()
     trainer.policy.lm.save_pretrained(out / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out / "policy")
     trainer.policy.save_value_head(out / "policy")
@@ -324,22 +409,12 @@ def train_ppo(
 
 
 class Interrupted(RLHFError):
-    """Ctrl-C during training; a checkpoint was written when possible."""
+    """Ctrl-C during training; the message says which checkpoint to resume from.
 
-    def __init__(self, step: int, checkpoint: Path | None):
-        where = (
-            f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing completed yet)"
-        )
-        super().__init__(
-            f"interrupted during step {step}; saved {where}. Continue with the same command plus --resume"
-        )
+    The CLI exits with `exit_code` 130 (128 + SIGINT), as shells expect of an interrupted command.
+    """
 
-
-def checkpoint_after_interrupt(out: Path, trainer: PPOTrainer, step: int) -> Path | None:
-    """After Ctrl-C the newest checkpoint is the one to resume from; the weights in memory may be
-    half-way through an update, so they are not saved over it."""
-    last = checkpoint_dirs(out)
-    return last[-1] if last else None
+    exit_code = 130
 
 
 def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: HackingDetector) -> int:
@@ -353,7 +428,12 @@ def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: Hack
     stream.load_state_dict(state["stream"])
     vars(detector).update(state["detector"])
     step = int(state["step"])
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    # The checkpoint holds the metrics up to its step; the logs are cut back to them, so the rows
+    # of steps that ran after it (and were lost with the run) are written again by this one.
+    if "metrics" in state:
+        write_jsonl(out / "metrics.jsonl", state["metrics"])
+    names = ("samples.jsonl",) if "metrics" in state else ("metrics.jsonl", "samples.jsonl")
+    for name in names:
         path = out / name
         if path.exists():
             rows = [r for r in read_jsonl(path, allow_empty=True) if r["step"] < step]

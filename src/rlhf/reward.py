@@ -45,7 +45,7 @@ class RewardConfig:
     """longest sampled response when generating pairs, in tokens"""
     eval_fraction: float = 0.1
     """share of pairs held out for evaluation"""
-    epochs: int = 3
+    epochs: int = 2
     """passes over the training pairs"""
     batch_size: int = 64
     """pairs per optimizer step"""
@@ -67,6 +67,8 @@ class RewardConfig:
     """where the built-in base model is cached (default $RLHF_CACHE_DIR, $XDG_CACHE_HOME/rlhf or ~/.cache/rlhf)"""
     trust_remote_code: bool = False
     """allow model folders to run their own Python code (only for models you trust)"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template as a user turn (use the same with `rlhf ppo`)"""
 
     def validate(self) -> None:
         for name in ("n_pairs", "response_tokens", "epochs", "batch_size", "max_length"):
@@ -345,11 +347,29 @@ def label_ceiling(pairs: _Pairs) -> float | None:
     return sum(c > r for c, r in decided) / max(1, len(decided))
 
 
+def _split_sizes(n_pairs: int, eval_fraction: float, source) -> int:
+    """Held-out pairs out of `n_pairs`; at least one each for training and evaluation."""
+    n_eval = max(1, int(round(eval_fraction * n_pairs)))
+    if n_pairs - n_eval < 1:
+        raise ConfigError(
+            f"{source}: {n_pairs} pairs leave none for training after the held-out split "
+            f"(--eval-fraction {eval_fraction}); give at least 2 pairs"
+        )
+    return n_eval
+
+
 def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     """Train, normalise, evaluate and save a reward model; returns the evaluation dict."""
 
-    from .generation import sample_texts
-    from .loading import autocast, load_causal_lm, load_tokenizer, match_vocab, pick_device
+    from .generation import apply_chat_template, sample_texts
+    from .loading import (
+        autocast,
+        check_model_dir,
+        load_causal_lm,
+        load_tokenizer,
+        match_vocab,
+        pick_device,
+    )
 
     cfg.validate()
     set_seed(cfg.seed)
@@ -359,9 +379,14 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
 
     # 1. Validate the inputs before any work: the data file first, then the model folder.
     file_pairs = read_preferences(cfg.data) if cfg.data else None
+    if file_pairs is not None:
+        _split_sizes(len(file_pairs), cfg.eval_fraction, cfg.data)
     if cfg.model:
-        lm = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        check_model_dir(cfg.model)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if cfg.chat_template:
+            apply_chat_template(tokenizer, [""], f"the tokenizer in {cfg.model}")
+        lm = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
         match_vocab(lm, tokenizer, cfg.model)
     else:
         lm, tokenizer, _ = _default_task(cfg.cache_dir, progress)
@@ -379,13 +404,13 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         )  # fmt: skip
         write_preferences(out / "preferences.jsonl", records)
         pairs = _pairs_from_records(records)
+    if cfg.chat_template:
+        pairs.prompts = apply_chat_template(
+            tokenizer, pairs.prompts, f"the tokenizer in {cfg.model}"
+        )
     order = list(range(len(pairs)))
     random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(round(cfg.eval_fraction * len(pairs))))
-    if len(pairs) - n_eval < 1:
-        raise ConfigError(
-            f"{cfg.data}: {len(pairs)} pairs leave none for training after the held-out split"
-        )
+    n_eval = _split_sizes(len(pairs), cfg.eval_fraction, cfg.data)
     eval_pairs, train_pairs = pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
     chosen_rows, n_trunc = _encode(
         tokenizer, train_pairs.prompts, train_pairs.chosen, cfg.max_length

@@ -59,7 +59,7 @@ from transformers import (  # noqa: E402
 
 from rlhf.core import logprobs_from_logits  # noqa: E402
 from rlhf.generation import encode_prompts, sample_responses  # noqa: E402
-from rlhf.models import PolicyWithValueHead, RewardModel, position_ids_from_mask  # noqa: E402
+from rlhf.models import RewardModel, position_ids_from_mask  # noqa: E402
 from rlhf.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from rlhf.task import corpus  # noqa: E402
 from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
@@ -240,18 +240,27 @@ def build_trl(tok, config, state, prompts, args, minibatches: int, updates: int)
 
 # ----- the passes an update cannot avoid ---------------------------------------------------
 class Passes:
-    """Each model pass of one update, alone, on the same shapes as our step."""
+    """Each model pass of one update, alone, on the same shapes as our step.
 
-    def __init__(self, tok, config, state, prompts, args, minibatches: int):
-        self.tok, self.args, self.minibatch = tok, args, args.batch_size // minibatches
-        self.policy = PolicyWithValueHead(fresh_lm(config, state)).eval()
-        self.ref = fresh_lm(config, state)
-        self.reward = RewardModel(fresh_lm(config, state), freeze_base=True, tokenizer=tok).eval()
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=LR, eps=1e-5, weight_decay=0.0
+    The models and the optimizer are copies of our trainer's, so whatever the trainer does to them
+    (a faster kernel, a fused optimizer) is in the passes too, and the ratio stays about overhead.
+    """
+
+    def __init__(self, trainer: PPOTrainer, prompts: list[str], args, minibatches: int):
+        self.tok, self.args, self.minibatch = (
+            trainer.tokenizer,
+            args,
+            args.batch_size // minibatches,
         )
+        self.policy = copy.deepcopy(trainer.policy)
+        self.ref = copy.deepcopy(trainer.ref_model)
+        self.reward = copy.deepcopy(trainer.reward_model)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = trainer.optimizer
+        kwargs = {k: v for k, v in opt.defaults.items() if k != "decoupled_weight_decay"}
+        self.optimizer = type(opt)(params, **kwargs)
         self.generator = torch.Generator().manual_seed(0)
-        self.prompt_ids, self.prompt_mask, _ = encode_prompts(tok, prompts)  # (B, P)
+        self.prompt_ids, self.prompt_mask, _ = encode_prompts(self.tok, prompts)  # (B, P)
         self.response = self.sample()  # (B, R)
         self.ids = torch.cat([self.prompt_ids, self.response], 1)  # (B, P+R)
         self.mask = torch.ones_like(self.ids)  # (B, P+R)
@@ -323,7 +332,7 @@ def run_config(tok, config, state, prompts, args, minibatches: int) -> dict:
         if args.separate_value
         else None
     )
-    passes = Passes(tok, config, state, prompts, args, minibatches)
+    passes = Passes(ours, prompts, args, minibatches)
     results = {"ours": {}, "ours_separate_value": {}, "passes": {}}
 
     def others(n: int, measured: bool) -> None:

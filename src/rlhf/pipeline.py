@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .data import atomic_write_json, read_jsonl
 from .hacking import demonstrate_reward_hacking, summarise_run
+from .plots import plot_run_dir, plot_runs
 from .ppo_train import PPORunConfig, default_reward_model_dir, train_ppo
 from .reward import RewardConfig
 from .task.default import BaseModelConfig, base_model_dir, base_model_info
@@ -107,6 +108,7 @@ def run_demo(
             dataclasses.replace(cfg, out=str(out_dir / name), steps=demo.side_steps),
             progress=progress,
         )
+        plot_run_dir(out_dir / name)
         comparison["runs"][name] = {
             "kl_coef": cfg.kl_coef,
             **summarise_run(read_jsonl(out_dir / name / "metrics.jsonl")),
@@ -116,7 +118,6 @@ def run_demo(
     comparison["runs"]["ppo_same_budget"] = {"kl_coef": base.kl_coef, **summarise_run(with_kl_rows)}
     timings["side_runs_s"] = time.perf_counter() - t0
 
-    from .plots import plot_runs
     from .report import write_report
 
     plot_runs(

@@ -1,0 +1,139 @@
+"""The main job: `rlhf demo --quick` end to end, the report, and the live hacking detector."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf.hacking import fit_functional_form, summarise_run
+from rlhf.ppo_train import HackingDetector
+
+SUMMARY_RUN_KEYS = {"reward", "kl", "gold", "distinct_2", "peak_gold"}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One smoke-sized demo from a cold cache (about 35 s on 2 cores), shared by the tests below."""
+    from rlhf.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "out"
+    code = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(root / "cache")])
+    assert code == 0
+    return out
+
+
+def test_quick_demo_writes_every_file(quick_demo):
+    for name in (
+        "report.md",
+        "summary.json",
+        "hacking.png",
+        "kl_coefs.png",
+        "comparison.json",
+        "examples.md",
+    ):
+        assert (quick_demo / name).is_file(), name
+    for run in ("with_kl", "no_kl", "large_kl", "vanilla_pg"):
+        for name in ("metrics.jsonl", "samples.jsonl", "config.json", "reward_kl_tradeoff.png"):
+            assert (quick_demo / run / name).is_file(), f"{run}/{name}"
+        assert (quick_demo / run / "policy" / "config.json").is_file()
+
+
+def test_summary_has_the_keys_and_no_kl_drifts_further(quick_demo):
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    for run in ("with_kl", "no_kl"):
+        assert SUMMARY_RUN_KEYS <= set(summary[run]), run
+    assert summary["no_kl"]["kl"] > summary["with_kl"]["kl"]
+    assert summary["with_kl"]["kl_coef"] == 0.1 and summary["no_kl"]["kl_coef"] == 0.0
+    assert 0 <= summary["reward_model"]["accuracy"] <= 1
+
+
+def test_report_has_both_tables_and_four_answers(quick_demo):
+    report = (quick_demo / "report.md").read_text()
+    assert "| Step | Reward | KL | Combined | Gold |" in report
+    assert "| Step | Reward | KL | Output quality |" in report
+    for check in range(1, 5):
+        assert f"**Check {check}:" in report
+    assert "![with and without KL](hacking.png)" in report
+    # Every number in the tables comes from the runs: the first row of the training table is step 0
+    # and its reward is the logged step-0 reward.
+    rows = [
+        json.loads(line)
+        for line in (quick_demo / "with_kl" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert (
+        f"| 0 | {rows[0]['objective/reward']:.2f} | 0.00 |" in report
+        or f"| 0 | {rows[0]['objective/reward']:.2f} | -0.00 |" in report
+    )
+
+
+def test_hacking_detector_fires_once_when_gold_falls_while_proxy_rises():
+    detector = HackingDetector(smooth=0.0, warmup=3, gold_drop=0.1)
+    messages = []
+    for step in range(30):
+        reward = 0.1 * step  # keeps rising
+        gold = min(step, 10) * 0.05 - max(0, step - 10) * 0.05  # peaks at step 10, then falls
+        msg = detector.update(
+            step, {"objective/reward": reward, "objective/gold": gold, "text/distinct_2": 0.6}
+        )
+        if msg:
+            messages.append((step, msg))
+    assert len(messages) == 1
+    step, msg = messages[0]
+    assert step == 13  # gold 0.35 < peak 0.5 - 0.1 first at step 13
+    assert "step 13" in msg and "gold score fell" in msg
+
+
+def test_hacking_detector_is_quiet_when_gold_keeps_up():
+    detector = HackingDetector(smooth=0.0, warmup=3)
+    for step in range(30):
+        # Diversity halves but gold rises: a well-behaved run, not hacking.
+        assert (
+            detector.update(
+                step,
+                {
+                    "objective/reward": 0.1 * step,
+                    "objective/gold": 0.02 * step,
+                    "text/distinct_2": 0.6 - 0.01 * step,
+                },
+            )
+            is None
+        )
+
+
+def test_hacking_detector_uses_diversity_without_a_gold_judge():
+    detector = HackingDetector(smooth=0.0, warmup=3, diversity_drop=0.75)
+    fired = [
+        s
+        for s in range(30)
+        if detector.update(s, {"objective/reward": 0.1 * s, "text/distinct_2": 0.6 - 0.02 * s})
+    ]
+    # distinct-2 = 0.6 - 0.02 s < 0.75 * 0.6 = 0.45 first at s = 8
+    assert fired == [8]
+
+
+def test_summarise_run_uses_window_means():
+    rows = [
+        {
+            "step": s,
+            "objective/reward": float(s),
+            "objective/kl": 0.0,
+            "objective/gold": float(s % 3),
+        }
+        for s in range(10)
+    ]
+    summary = summarise_run(rows)
+    assert summary["reward"] == pytest.approx((5 + 6 + 7 + 8 + 9) / 5)
+    assert summary["initial_reward"] == 0.0
+    assert summary["steps"] == 10
+
+
+def test_functional_form_fits_recover_known_coefficients():
+    import math
+
+    d = [0.1 * i for i in range(1, 40)]
+    rl = [x * (1.5 - 0.4 * math.log(x)) for x in d]
+    bon = [x * (0.8 - 0.3 * x) for x in d]
+    assert fit_functional_form(d, rl, "rl") == pytest.approx((1.5, 0.4), abs=1e-9)
+    assert fit_functional_form(d, bon, "bon") == pytest.approx((0.8, 0.3), abs=1e-9)

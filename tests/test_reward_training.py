@@ -148,3 +148,34 @@ def test_default_task_reward_model_reaches_085(tmp_path):
 
     result = train_reward(RewardConfig(out=str(tmp_path / "rm")), progress=False)
     assert result["accuracy"] >= 0.85
+
+
+def test_base_model_pretraining_is_deterministic():
+    """One seed fixes the base model: two builds give identical weights and samples."""
+    from rlhf.task.default import BaseModelConfig, pretrain_base_model
+
+    cfg = BaseModelConfig(
+        n_reviews=300, steps=5, n_layer=1, n_embd=32, n_head=2, batch_size=16, vocab_size=400
+    )
+    m1, t1, info1 = pretrain_base_model(cfg, progress=False)
+    m2, t2, info2 = pretrain_base_model(cfg, progress=False)
+    assert t1.get_vocab() == t2.get_vocab()
+    for (name, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert info1["samples"] == info2["samples"]
+    assert info1["heldout_perplexity"] == info2["heldout_perplexity"]
+
+
+def test_preference_dataset_labels_follow_the_gold_judge(tiny_lm, tiny_tokenizer):
+    """Deterministic labelling prefers the higher gold score; records use the seed's format."""
+    from rlhf.reward import create_preference_dataset
+
+    records = create_preference_dataset(
+        tiny_lm, tiny_tokenizer, prompts=["the acting was", "this phone"] * 8, n_pairs=10,
+        label_temperature=0, response_tokens=6, seed=0,
+    )  # fmt: skip
+    assert 0 < len(records) <= 10
+    for r in records:
+        assert set(r) >= {"prompt", "response_A", "response_B", "preference"}
+        assert r["response_A"] != r["response_B"]
+        assert r["preference"] == ("A" if r["gold_A"] >= r["gold_B"] else "B")

@@ -82,7 +82,10 @@ def load_causal_lm(
             path, trust_remote_code=trust_remote_code, local_files_only=True
         )
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}/config.json: {str(exc).splitlines()[0]}") from None
+        hint = (
+            "; pass --trust-remote-code only if you trust it" if "custom code" in str(exc) else ""
+        )
+        raise InputError(f"{path}/config.json: {str(exc).splitlines()[0]}{hint}") from None
     pickled = [name for name in PICKLE_WEIGHTS if (path / name).is_file()]
     if pickled and not list(path.glob("*.safetensors")):
         raise InputError(

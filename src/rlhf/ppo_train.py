@@ -64,10 +64,15 @@ class PPORunConfig(PPOConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.sample_every <= 0 or self.max_prompt_tokens <= 0:
-            raise ConfigError("--sample-every and --max-prompt-tokens must be positive")
-        if self.save_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError("--save-every must be >= 0 and --keep-checkpoints >= 1")
+        for name in ("sample_every", "max_prompt_tokens", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
+        if self.save_every < 0:
+            raise ConfigError(
+                f"--save-every must be >= 0 (0: only on Ctrl-C), got {self.save_every}"
+            )
 
 
 def default_reward_model_dir(

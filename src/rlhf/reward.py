@@ -352,8 +352,8 @@ def _split_sizes(n_pairs: int, eval_fraction: float, source) -> int:
     n_eval = max(1, int(round(eval_fraction * n_pairs)))
     if n_pairs - n_eval < 1:
         raise ConfigError(
-            f"{source}: {n_pairs} pairs leave none for training after the held-out split "
-            f"(--eval-fraction {eval_fraction}); give at least 2 pairs"
+            f"{source}: only {n_pairs} pair(s), and the held-out split (--eval-fraction "
+            f"{eval_fraction}) leaves none for training; give at least 2 pairs"
         )
     return n_eval
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .core import first_eos_index
 from .errors import ConfigError
 from .models import position_ids_from_mask
 
@@ -79,6 +80,17 @@ def apply_chat_template(tokenizer, prompts: list[str], source: str = "the tokeni
     return out
 
 
+def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask for whole sequences (training and scoring, not generation)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, 1)
@@ -144,14 +156,9 @@ def response_lengths(
     response_ids: torch.Tensor, eos_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Length of each response including its first EOS, and whether it has one: (B,), (B,)."""
-    R = response_ids.shape[1]
-    is_eos = response_ids == eos_token_id  # (B, R)
-    ended = is_eos.any(-1)  # (B,)
-    first = torch.where(
-        ended, is_eos.float().argmax(-1), torch.full_like(ended, R, dtype=torch.long)
-    )
-    lengths = torch.where(ended, first + 1, first)  # (B,)
-    return lengths, ended
+    first = first_eos_index(response_ids, eos_token_id)  # (B,), R where there is no EOS
+    ended = first < response_ids.shape[1]  # (B,)
+    return torch.where(ended, first + 1, first), ended
 
 
 def decode_responses(

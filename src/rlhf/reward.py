@@ -23,6 +23,7 @@ import torch
 from .core import bradley_terry_loss
 from .data import PreferencePair, atomic_write_json, read_preferences, write_preferences
 from .errors import ConfigError
+from .generation import pad_right
 from .models import RewardModel
 from .tracking import RunLogger, progress_bar, save_config, set_seed
 
@@ -181,16 +182,6 @@ def _encode(
     return rows, truncated
 
 
-def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _preference_targets(preference, n: int, device) -> torch.Tensor:
     """Probability that A is preferred, per pair: from "A"/"B" labels or a tensor."""
     if isinstance(preference, torch.Tensor):
@@ -236,8 +227,8 @@ def reward_model_loss(
         device = reward_model.reward_head.weight.device
         rows_a, _ = _encode(tokenizer, prompts, resp_a, tokenizer.model_max_length)
         rows_b, _ = _encode(tokenizer, prompts, resp_b, tokenizer.model_max_length)
-        ids_a, mask_a = _pad(rows_a, tokenizer.pad_token_id, device)
-        ids_b, mask_b = _pad(rows_b, tokenizer.pad_token_id, device)
+        ids_a, mask_a = pad_right(rows_a, tokenizer.pad_token_id, device)
+        ids_b, mask_b = pad_right(rows_b, tokenizer.pad_token_id, device)
     n = ids_a.shape[0]
     r_a = reward_model(ids_a, mask_a)  # (B,)
     r_b = reward_model(ids_b, mask_b)  # (B,)
@@ -307,7 +298,7 @@ def score_texts(
     scores = []
     forward = reward_model.raw_forward if raw else reward_model
     for s in range(0, len(rows), batch_size):
-        ids, mask = _pad(rows[s : s + batch_size], tokenizer.pad_token_id, device)
+        ids, mask = pad_right(rows[s : s + batch_size], tokenizer.pad_token_id, device)
         scores.append(forward(ids, mask).float())
     return torch.cat(scores)  # (N,)
 
@@ -444,7 +435,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
             for s in range(0, len(perm), cfg.batch_size):
                 idx = perm[s : s + cfg.batch_size]
                 rows = [chosen_rows[i] for i in idx] + [rejected_rows[i] for i in idx]
-                ids, mask = _pad(rows, tokenizer.pad_token_id, device)  # (2B, T)
+                ids, mask = pad_right(rows, tokenizer.pad_token_id, device)  # (2B, T)
                 with autocast(device):
                     rewards = reward_model(ids, mask).float()  # (2B,)
                 r_c, r_r = rewards[: len(idx)], rewards[len(idx) :]  # (B,), (B,)

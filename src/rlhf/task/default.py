@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..data import atomic_write_json
+from ..generation import pad_right
 from . import corpus
 from .tokenizer import train_tokenizer
 
@@ -84,17 +85,7 @@ def _batches(rows: list[list[int]], batch_size: int, pad_id: int, generator: tor
         order = torch.randperm(len(rows), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
             chunk = [rows[i] for i in order[start : start + batch_size]]
-            yield _pad_right(chunk, pad_id)
-
-
-def _pad_right(chunk: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in chunk)
-    ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(chunk), T), dtype=torch.long)  # (B, T)
-    for i, row in enumerate(chunk):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
+            yield pad_right(chunk, pad_id)
 
 
 def _lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +169,7 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
     with torch.no_grad():
         total, count = 0.0, 0
         for s in range(0, len(heldout_rows), 250):
-            ids, mask = _pad_right(heldout_rows[s : s + 250], tokenizer.pad_token_id)
+            ids, mask = pad_right(heldout_rows[s : s + 250], tokenizer.pad_token_id)
             loss_sum, n = _lm_loss(model, ids, mask)
             total, count = total + loss_sum.item(), count + n.item()
     sample_prompts = corpus.prompts(5, seed=cfg.seed, split="eval")

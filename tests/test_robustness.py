@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_TEXTS, make_tiny_lm
 from rlhf.cli import main
@@ -104,9 +104,8 @@ def folders(tmp_path_factory, tiny_tokenizer, tiny_model_dir):
     no_pad = _tokenizer_without_pad()
     assert no_pad.pad_token is None and "<|pad|>" not in no_pad.get_vocab()
     f = {"gpt2": tiny_model_dir}
+    f["llama"] = _save(root / "llama", make_tiny_lm(tiny_tokenizer, "llama"), tiny_tokenizer)
     for arch in ("gpt2", "llama"):
-        if arch != "gpt2":
-            f[arch] = _save(root / arch, make_tiny_lm(tiny_tokenizer, arch), tiny_tokenizer)
         f[f"{arch}-no-pad"] = _save(root / f"{arch}-no-pad", make_tiny_lm(no_pad, arch), no_pad)
     f["rm"] = root / "rm"
     RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer).save_pretrained(
@@ -133,6 +132,10 @@ def folders(tmp_path_factory, tiny_tokenizer, tiny_model_dir):
     tiny_tokenizer.save_pretrained(f["pickle"])
     f["no-tokenizer"] = root / "no-tokenizer"
     lm.save_pretrained(f["no-tokenizer"])
+    f["lost-tensor"] = _save(root / "lost-tensor", lm, tiny_tokenizer)
+    tensors = load_file(str(f["lost-tensor"] / "model.safetensors"))
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, str(f["lost-tensor"] / "model.safetensors"), metadata={"format": "pt"})
     # Input files.
     f["prompts"] = root / "prompts.txt"
     f["prompts"].write_text("\n".join(PROMPTS) + "\n")
@@ -358,6 +361,32 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(
     _assert_same_run(out, reference_run)
 
 
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--steps", "30"], "is already at step 38; --steps 30 leaves nothing to run"),
+        (["--model", "DIR:llama"], "step-000038: its weights do not fit this model"),
+    ],
+)
+def test_resume_that_cannot_continue_is_one_line(
+    tmp_path, folders, reference_run, change, expected, capsys
+):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    before = _tree(out)
+    args = _ppo_args(folders, out, *PPO_LONG, "--resume")
+    for option, value in zip(change[::2], change[1::2]):
+        args[args.index(option) + 1] = (
+            str(folders[value[4:]]) if value.startswith("DIR:") else value
+        )
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("rlhf ppo: error: ") and expected in err, (
+        err
+    )
+    assert _tree(out) == before
+
+
 def test_second_ctrl_c_stops_at_once_and_the_handler_is_restored(capfd):
     from rlhf.ppo_train import _GracefulStop
 
@@ -517,6 +546,7 @@ BAD_INPUTS = {
     "ppo-model-not-causal": ("ppo", {"--model": "DIR:bert"}, "bert: not a causal language model", True),
     "ppo-model-tokenizer-mismatch": ("ppo", {"--model": "DIR:mismatch"}, "tokenizer has 300 tokens but the model has only 250", True),
     "ppo-model-pickle-only": ("ppo", {"--model": "DIR:pickle"}, "pickle: weights are only in pytorch_model.bin", True),
+    "ppo-model-lost-tensor": ("ppo", {"--model": "DIR:lost-tensor"}, "lost-tensor: the safetensors files lack 1 of the model's tensors (first: transformer.h.1.mlp.c_fc.weight)", True),
     "ppo-model-no-tokenizer": ("ppo", {"--model": "DIR:no-tokenizer"}, "no-tokenizer: no tokenizer files", True),
     "ppo-ref-model-missing": ("ppo", {"--ref-model": "MISSING:no-ref"}, "no-ref: model folder does not exist", False),
     "ppo-reward-model-is-an-lm": ("ppo", {"--reward-model": "DIR:gpt2"}, "not a reward model folder", False),

@@ -37,6 +37,11 @@ def checkpoint_dirs(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """Completed steps of the checkpoint folder `step-NNNNNN`."""
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
 def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int = 2) -> Path:
     """Write the trainer's full state after `step` completed steps; keep the newest `keep`."""
     root = Path(out) / "checkpoints"
@@ -99,14 +104,26 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
         raise InputError(
             f"{path / 'state.pt'}: cannot read checkpoint ({type(exc).__name__})"
         ) from None
-    load_model(trainer.policy, str(path / "policy.safetensors"))
-    if trainer.value_model is not None:
-        load_model(trainer.value_model, str(path / "value_model.safetensors"))
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.kl_ctl.load_state_dict(state["kl_ctl"])
-    trainer.generator.set_state(state["generator"])
-    trainer.cpu_generator.set_state(state["cpu_generator"])
-    torch.set_rng_state(state["torch_rng"])
-    trainer.step_count = state["trainer_step"]
+    try:
+        load_model(trainer.policy, str(path / "policy.safetensors"))
+        if trainer.value_model is not None:
+            load_model(trainer.value_model, str(path / "value_model.safetensors"))
+    except Exception:  # another architecture or size: the state dict does not fit
+        raise InputError(
+            f"{path}: its weights do not fit this model; resume with the --model (and "
+            "--value-model) of the run that wrote it"
+        ) from None
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+        trainer.generator.set_state(state["generator"])
+        trainer.cpu_generator.set_state(state["cpu_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        trainer.step_count = state["trainer_step"]
+    except Exception as exc:  # options that change the optimizer or the KL controller
+        raise InputError(
+            f"{path}: its training state does not fit this run ({type(exc).__name__}); "
+            "resume with the options of the run that wrote it"
+        ) from None
     return state

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .data import JsonlWriter, atomic_write_json, read_jsonl, read_prompts, write_jsonl
 from .errors import ConfigError, RLHFError
 from .models import RewardModel
@@ -310,10 +310,17 @@ def train_ppo(
 
     cfg.validate()
     out = Path(cfg.out)
-    if cfg.resume and not checkpoint_dirs(out):
-        raise ConfigError(
-            f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
-        )
+    if cfg.resume:
+        found = checkpoint_dirs(out)
+        if not found:
+            raise ConfigError(
+                f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
+            )
+        if checkpoint_step(found[-1]) >= cfg.steps:
+            raise ConfigError(
+                f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "
+                f"--steps {cfg.steps} leaves nothing to run"
+            )
     set_seed(cfg.seed)
     prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
     builtin_prompts = cfg.prompts is None

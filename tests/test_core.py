@@ -442,3 +442,19 @@ def test_response_mask_when_pad_equals_eos() -> None:
         response_mask_from_eos(tokens, 2, pad_token_id=2),
         [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]],
     )
+
+
+def test_inverse_cdf_sampler_matches_the_probabilities_and_never_picks_zero():
+    from rlhf.generation import _sample
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0]).repeat(40_000, 1)  # (N, V)
+    counts = torch.bincount(_sample(probs, g), minlength=5).double() / 40_000
+    # Binomial standard error at p = 0.6 is 0.0025; 0.01 is four of them.
+    torch.testing.assert_close(counts, probs[0].double(), atol=0.01, rtol=0)
+    assert counts[1] == 0 and counts[4] == 0
+    one_hot = torch.zeros(64, 1000)
+    one_hot[:, 999] = 1.0  # the last token, where a rounding error would clamp
+    assert torch.all(_sample(one_hot, g) == 999)
+    same = _sample(probs[:8], torch.Generator().manual_seed(3))
+    assert torch.equal(same, _sample(probs[:8], torch.Generator().manual_seed(3)))

@@ -143,3 +143,36 @@ def test_value_head_starts_at_zero(tiny_lm, tiny_tokenizer):
     logits, values = policy(ids, mask)
     assert logits.shape == (2, 3, len(tiny_tokenizer)) and values.shape == (2, 3)
     assert torch.all(values == 0)
+
+
+def test_swap_slow_gelu_keeps_the_function_and_the_saved_model(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_lm
+    from rlhf.models import swap_slow_gelu
+
+    lm = make_tiny_lm(tiny_tokenizer).eval()
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 9))
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    assert swap_slow_gelu(lm) == lm.config.n_layer
+    assert swap_slow_gelu(lm) == 0  # nothing left to swap
+    with torch.no_grad():
+        after = lm(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    lm.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.activation_function == "gelu_new"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_policy_logits_to_keep_are_the_last_positions(tiny_tokenizer, arch):
+    from conftest import make_tiny_lm
+
+    policy = PolicyWithValueHead(make_tiny_lm(tiny_tokenizer, arch)).eval()
+    ids, mask = _pad([[5, 6, 7, 8, 9], [5, 6, 7]], tiny_tokenizer.pad_token_id, "left")
+    with torch.no_grad():
+        full_logits, full_values = policy(ids, mask)
+        kept_logits, kept_values = policy(ids, mask, logits_to_keep=3)
+    assert kept_logits.shape == (2, 3, full_logits.shape[-1])
+    torch.testing.assert_close(kept_logits, full_logits[:, -3:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(kept_values, full_values)

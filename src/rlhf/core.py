@@ -101,7 +101,11 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     Equals logsumexp(l) - sum_x p(x) l(x), computed as -sum_x p log p from the (stable)
     log-softmax; 0 * log 0 = 0 so -inf logits are fine.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return entropy_from_logprobs(F.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Entropy from normalised log-probabilities: (B, T, V) -> (B, T); -inf entries count 0."""
     return -_p_log_ratio(logp, torch.zeros_like(logp)).sum(-1)  # (B, T)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .core import first_eos_index
 from .errors import ConfigError
-from .models import position_ids_from_mask
+from .models import accepts_kwarg, position_ids_from_mask
 
 
 def encode_prompts(
@@ -104,6 +104,21 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs (B, V) by inverting the CDF with one uniform draw per row.
+
+    `torch.multinomial` draws a random number for every entry of the vocabulary; one per row is
+    enough. The cumulative sum runs in float64 so that large vocabularies keep their tails, and the
+    draw is scaled by the row's total so a zero-probability token can never be picked.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    u = torch.rand(
+        (probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64
+    )  # (B, 1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+    return token.clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
+
+
 @torch.no_grad()
 def sample_responses(
     lm: nn.Module,
@@ -127,14 +142,17 @@ def sample_responses(
         position_ids=position_ids_from_mask(mask),
         use_cache=True,
     )
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40).
+    cache_arg = "cache" if accepts_kwarg(lm, "cache") else "past_key_values"
     next_position = mask.sum(-1, keepdim=True)  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     tokens = []
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float() / temperature  # (B, V)
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         logits = _filter_logits(logits, top_k, top_p)
-        probs = logits.softmax(-1)  # (B, V)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        token = _sample(logits.softmax(-1), generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)  # (B,)
         tokens.append(token)
         done = done | (token == eos_token_id)
@@ -145,8 +163,8 @@ def sample_responses(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_position,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{cache_arg: out[cache_arg]},
         )
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)  # (B, R)

@@ -127,6 +127,9 @@ def load_causal_lm(
         )
     model.eval()  # dropout off during RL (ppo-details 2); training loops call train() only when needed
     _check_causal(model, path)
+    from .models import swap_slow_gelu
+
+    swap_slow_gelu(model)  # the same function in one kernel; what is saved stays gelu_new
     return model
 
 

@@ -53,9 +53,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * steps).argmax(-1)  # (B,)
 
 
-def _accepts_position_ids(module: nn.Module) -> bool:
+def accepts_kwarg(module: nn.Module, argument: str) -> bool:
+    """Whether `module.forward` takes this keyword argument."""
     try:
-        return "position_ids" in inspect.signature(module.forward).parameters
+        return argument in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -68,7 +69,7 @@ def final_hidden_states(
         lm, "base_model", lm
     )  # GPT2LMHeadModel -> GPT2Model, LlamaForCausalLM -> LlamaModel
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if _accepts_position_ids(trunk):
+    if accepts_kwarg(trunk, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
     out = trunk(**kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
@@ -202,6 +203,26 @@ def check_reward_model_dir(directory: str | Path) -> Path:
     return directory
 
 
+def swap_slow_gelu(model: nn.Module) -> int:
+    """Replace transformers' `gelu_new` modules with torch's one-kernel tanh GELU; returns how many.
+
+    GPT-2's `gelu_new` runs as separate pow, mul, add and tanh kernels; `nn.GELU("tanh")` is the
+    same function (within 3e-7 in float32) in one kernel, about 10% of a PPO step on the default
+    model (benchmarks/README.md). Saved weights and configs are unchanged.
+    """
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:  # pragma: no cover - an older or newer transformers without it
+        return 0
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
 class PolicyWithValueHead(nn.Module):
     """A causal LM (the policy) sharing its trunk with a scalar value head.
 
@@ -216,16 +237,23 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and values (B, T) for every position."""
+        """Logits (B, T, V) and values (B, T) for every position.
+
+        With `logits_to_keep=K > 0` the logits cover only the last K positions, (B, K, V), where
+        the model supports it (transformers' `logits_to_keep`): the LM head skips the prompt.
+        """
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if _accepts_position_ids(self.lm):
+        if accepts_kwarg(self.lm, "position_ids"):
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        if logits_to_keep and accepts_kwarg(self.lm, "logits_to_keep"):
+            kwargs["logits_to_keep"] = logits_to_keep
         out = self.lm(**kwargs, output_hidden_states=True)
         hidden = out.hidden_states[-1]  # (B, T, H)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
-        return out.logits, values
+        logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
+        return logits, values
 
     def save_value_head(self, directory: str | Path) -> None:
         tensors = {

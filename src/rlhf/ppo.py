@@ -22,7 +22,7 @@ from torch import nn
 from .core import (
     compute_gae,
     compute_kl_penalty,
-    entropy_from_logits,
+    entropy_from_logprobs,
     explained_variance,
     kl_estimate,
     logprobs_from_logits,
@@ -34,7 +34,14 @@ from .core import (
 )
 from .errors import ConfigError, RLHFError
 from .generation import decode_responses, encode_prompts, sample_responses
-from .models import PolicyWithValueHead, RewardModel, final_hidden_states, position_ids_from_mask
+from .models import (
+    PolicyWithValueHead,
+    RewardModel,
+    accepts_kwarg,
+    final_hidden_states,
+    position_ids_from_mask,
+    swap_slow_gelu,
+)
 
 KLEstimatorChoice = Literal["k1", "k2", "k3", "exact"]
 
@@ -262,8 +269,15 @@ class PPOTrainer:
         if self.value_model is not None:
             params += list(self.value_model.parameters())
         self.params = params
-        # eps 1e-5 as in lm-human-preferences' Adam.
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+        for model in (self.policy, self.ref_model, self.reward_model, self.value_model):
+            if model is not None:
+                swap_slow_gelu(model)
+        # eps 1e-5 as in lm-human-preferences' Adam. The fused kernel updates every tensor in one
+        # pass (the default of transformers' Trainer too); it needs floating-point CPU/CUDA params.
+        fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, eps=1e-5, weight_decay=0.0, fused=fused or None
+        )
         total = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
         decay = (
             (lambda s: max(0.0, 1.0 - s / total))
@@ -286,26 +300,38 @@ class PPOTrainer:
 
         return autocast(self.device)
 
+    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 logits divided by the sampling temperature (ppo-details 1)."""
+        logits = logits.float()
+        t = self.config.temperature
+        return logits if t == 1.0 else logits / t
+
     def _policy_forward(self, ids, mask, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Temperature-scaled logits (B, R, V) over the response positions and values (B, R)."""
+        R = ids.shape[1] - P
         with self._autocast():
-            logits, values = self.policy(ids, mask)  # (B, P+R, V), (B, P+R)
+            # The LM head runs on the last R+1 positions only; the prompt needs no logits.
+            logits, values = self.policy(ids, mask, logits_to_keep=R + 1)  # (B, R+1, V), (B, P+R)
             if self.value_model is not None:
                 values = self.value_model(ids, mask)  # (B, P+R)
         # The logits at position P-1+t predict response token t; the value there is V(s_t).
-        logits = logits[:, P - 1 : -1].float() / self.config.temperature  # (B, R, V)
-        return logits, values[:, P - 1 : -1].float()  # (B, R, V), (B, R)
+        return self._scaled(logits[:, :-1]), values[:, P - 1 : -1].float()  # (B, R, V), (B, R)
 
     @torch.no_grad()
     def _ref_logits(self, ids, mask, P: int) -> torch.Tensor:
+        R = ids.shape[1] - P
+        kwargs = (
+            {"logits_to_keep": R + 1} if accepts_kwarg(self.ref_model, "logits_to_keep") else {}
+        )
         with self._autocast():
             logits = self.ref_model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids_from_mask(mask),
                 use_cache=False,
-            ).logits  # (B, P+R, V)
-        return logits[:, P - 1 : -1].float() / self.config.temperature  # (B, R, V)
+                **kwargs,
+            ).logits  # (B, R+1, V), or (B, P+R, V) without logits_to_keep
+        return self._scaled(logits[:, -(R + 1) : -1])  # (B, R, V)
 
     @torch.no_grad()
     def _score(
@@ -411,7 +437,8 @@ class PPOTrainer:
                 logits, mb_values = self._policy_forward(
                     b.query_response[mb], b.attention_mask[mb], P
                 )
-                mb_logprobs = logprobs_from_logits(logits, response[mb])  # (M, R)
+                logp_all = torch.log_softmax(logits, dim=-1)  # (M, R, V), float32
+                mb_logprobs = logp_all.gather(-1, response[mb].unsqueeze(-1)).squeeze(-1)  # (M, R)
                 pg_loss, pg_stats = policy_loss(
                     mb_logprobs, b.logprobs[mb], b.advantages[mb], mb_mask, cfg.clip_eps
                 )
@@ -443,7 +470,9 @@ class PPOTrainer:
                         "policy/approxkl": pg_stats["approxkl"].item(),
                         "policy/clipfrac": pg_stats["clipfrac"].item(),
                         "policy/ratio": pg_stats["ratio"].item(),
-                        "policy/entropy": masked_mean(entropy_from_logits(logits), mb_mask).item(),
+                        "policy/entropy": masked_mean(
+                            entropy_from_logprobs(logp_all), mb_mask
+                        ).item(),
                         "val/clipfrac": vf_stats["vf_clipfrac"].item(),
                         "policy/grad_norm": grad_norm.item(),
                     }

@@ -23,6 +23,7 @@ import torch
 
 from ..data import atomic_write_json
 from ..generation import pad_right
+from ..models import swap_slow_gelu
 from . import corpus
 from .tokenizer import train_tokenizer
 
@@ -135,6 +136,7 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
         pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
+    swap_slow_gelu(model)  # one kernel instead of four; the saved config still says gelu_new
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )

@@ -137,3 +137,54 @@ def test_functional_form_fits_recover_known_coefficients():
     bon = [x * (0.8 - 0.3 * x) for x in d]
     assert fit_functional_form(d, rl, "rl") == pytest.approx((1.5, 0.4), abs=1e-9)
     assert fit_functional_form(d, bon, "bon") == pytest.approx((0.8, 0.3), abs=1e-9)
+
+
+@pytest.mark.parametrize("command", ["demo", "sweep"])
+def test_ctrl_c_in_demo_or_sweep_does_not_suggest_resume(monkeypatch, capsys, tmp_path, command):
+    """Only `rlhf ppo` has --resume; the other commands say what running again will redo."""
+    from rlhf import cli, hacking, pipeline
+    from rlhf.ppo_train import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("interrupted after 3 of 70 steps; ... plus --resume")
+
+    monkeypatch.setattr(pipeline, "run_demo", interrupted)
+    monkeypatch.setattr(hacking, "kl_sweep", interrupted)
+    assert cli.main([command, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rlhf {command}: interrupted;") and "--resume" not in err, err
+    assert "running the same command again redoes only the PPO runs" in err
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("0,abc", "--kl-coefs: expected comma-separated numbers"),
+        ("0.1,-1", "--kl-coefs: expected one or more numbers >= 0"),
+        (",", "--kl-coefs: expected one or more numbers >= 0"),
+    ],
+)
+def test_sweep_rejects_bad_kl_coefs_in_one_line(capsys, tmp_path, value, expected):
+    from rlhf import cli
+
+    assert cli.main(["sweep", "--kl-coefs", value, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("rlhf sweep: error: ") and expected in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_command_passes_its_options_to_kl_sweep(monkeypatch, capsys, tmp_path):
+    from rlhf import cli, hacking
+
+    seen = {}
+
+    def fake_sweep(coefs, out, steps, seed, base):
+        seen.update(coefs=coefs, out=out, steps=steps, seed=seed, lr=base.lr)
+        return {"fit_rl": {"a": 1.0, "b": 0.5}, "best_of_n": [{"n": 1}, {"n": 64}]}
+
+    monkeypatch.setattr(hacking, "kl_sweep", fake_sweep)
+    out = str(tmp_path / "s")
+    args = ["sweep", "--kl-coefs", "0, 0.1", "--steps", "5", "--lr", "3e-5", "--seed", "4"]
+    assert cli.main([*args, "--out", out]) == 0
+    assert seen == {"coefs": [0.0, 0.1], "out": out, "steps": 5, "seed": 4, "lr": 3e-5}
+    assert "n=64" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import typing
 from functools import cache
 from pathlib import Path
 
-from .errors import RLHFError
+from .errors import ConfigError, RLHFError
 from .ppo_train import PPORunConfig
 from .reward import RewardConfig
 
@@ -226,11 +227,42 @@ def _run_plot(args) -> None:
         print(f"wrote {path}")
 
 
+def _parse_kl_coefs(text: str) -> list[float]:
+    try:
+        coefs = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--kl-coefs: expected comma-separated numbers such as 0,0.03,0.1, got {text!r}"
+        ) from None
+    if not coefs or any(not math.isfinite(c) or c < 0 for c in coefs):
+        raise ConfigError(f"--kl-coefs: expected one or more numbers >= 0, got {text!r}")
+    return coefs
+
+
+def _run_sweep(args) -> None:
+    from .hacking import kl_sweep
+
+    coefs = _parse_kl_coefs(args.kl_coefs)
+    if args.steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {args.steps}")
+    base = PPORunConfig(lr=args.lr, seed=args.seed, cache_dir=args.cache_dir)
+    base.validate()
+    result = kl_sweep(coefs, out=args.out, steps=args.steps, seed=args.seed, base=base)
+    fit = result["fit_rl"]
+    out = Path(args.out)
+    print(
+        f"sweep: {len(coefs)} PPO runs of {args.steps} steps and best-of-n up to "
+        f"n={result['best_of_n'][-1]['n']}; gold fit R(d) = d ({fit['a']:.3f} - {fit['b']:.3f} "
+        f"log d)\n  figure: {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
+    )
+
+
 COMMANDS = {
     "demo": _run_demo,
     "train-reward": _run_train_reward,
     "ppo": _run_ppo,
     "plot": _run_plot,
+    "sweep": _run_sweep,
 }
 
 
@@ -256,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     except RLHFError as exc:
         code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (ppo_train.Interrupted)
         label = "error: " if code == 2 else ""
-        print(f"rlhf {args.command}: {label}{exc}", file=sys.stderr)
+        message = str(exc)
+        if code == 130 and args.command != "ppo":
+            # Only `rlhf ppo` has --resume; demo and sweep rerun their PPO runs from the start.
+            message = (
+                "interrupted; the cached base and reward models are kept, so running the same "
+                "command again redoes only the PPO runs"
+            )
+        print(f"rlhf {args.command}: {label}{message}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         print(f"\nrlhf {args.command}: interrupted", file=sys.stderr)

@@ -378,8 +378,8 @@ def plot_frontier(result: dict, path: Path) -> None:
         ax.set_ylabel(f"{what}, relative to the reference policy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ax_gold.set_title("What we wanted: gold score against distance from the reference")
-    ax_proxy.set_title("What PPO optimised: proxy score")
+    ax_gold.set_title("What we wanted: the gold score")
+    ax_proxy.set_title("What PPO optimised: the proxy score")
     fig.suptitle(
         "Reward-KL frontier (functional forms of Gao, Schulman and Hilton 2022)", fontweight="bold"
     )

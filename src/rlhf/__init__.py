@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RewardModel": "rlhf.models",
     "PolicyWithValueHead": "rlhf.models",
-    "create_preference_dataset": "rlhf.reward",
+    "create_preference_dataset": "rlhf.preferences",
     "reward_model_loss": "rlhf.reward",
     "train_reward": "rlhf.reward",
     "RewardConfig": "rlhf.reward",
@@ -22,7 +22,7 @@ _EXPORTS = {
     "train_ppo": "rlhf.ppo_train",
     "PPORunConfig": "rlhf.ppo_train",
     "PPOTrainer": "rlhf.ppo",
-    "PPOConfig": "rlhf.ppo",
+    "PPOConfig": "rlhf.ppo_config",
     "compute_kl_penalty": "rlhf.core",
     "plot_reward_kl_tradeoff": "rlhf.plots",
     "demonstrate_reward_hacking": "rlhf.hacking",
@@ -51,9 +51,11 @@ if TYPE_CHECKING:
     from .hacking import demonstrate_reward_hacking
     from .models import PolicyWithValueHead, RewardModel
     from .plots import plot_reward_kl_tradeoff
-    from .ppo import PPOConfig, PPOTrainer
+    from .ppo import PPOTrainer
+    from .ppo_config import PPOConfig
     from .ppo_train import PPORunConfig, ppo_step, train_ppo
-    from .reward import RewardConfig, create_preference_dataset, reward_model_loss, train_reward
+    from .preferences import create_preference_dataset
+    from .reward import RewardConfig, reward_model_loss, train_reward
 
 
 def __getattr__(name: str):

@@ -7,14 +7,13 @@ One PPO step is a row of named phases:
     rollout -> forward passes (policy, value, reference) -> score -> kl_penalised_rewards
     -> gae -> whiten -> ppo_epochs
 Item numbers in comments refer to ../shared/reference/ppo-details.md (in the repository's docs).
+`PPOConfig` and the KL controllers live in `ppo_config` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import time
-import typing
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
@@ -42,137 +41,8 @@ from .models import (
     position_ids_from_mask,
     swap_slow_gelu,
 )
-
-KLEstimatorChoice = Literal["k1", "k2", "k3", "exact"]
-
-
-@dataclass
-class PPOConfig:
-    """Hyper-parameters of the PPO update (defaults follow lm-human-preferences and TRL)."""
-
-    steps: int = 100
-    """PPO steps (each: one rollout batch, then several epochs of updates on it)"""
-    batch_size: int = 64
-    """prompts per rollout batch"""
-    minibatch_size: int = 64
-    """sequences per gradient step; must divide --batch-size"""
-    ppo_epochs: int = 4
-    """passes over each rollout batch (ppo-details 19)"""
-    response_tokens: int = 24
-    """longest response, in tokens"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs use the same temperature (ppo-details 1)"""
-    top_k: int = 0
-    """sample only from the k likeliest tokens (0: off, the default for PPO)"""
-    top_p: float = 1.0
-    """nucleus sampling threshold (1.0: off, the default for PPO)"""
-    lr: float = 3e-5
-    """AdamW learning rate"""
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    """constant, or linear decay to zero over --steps (ppo-details 21)"""
-    kl_coef: float = 0.1
-    """KL penalty coefficient beta (initial value when --adaptive-kl)"""
-    kl_estimator: KLEstimatorChoice = "k1"
-    """per-token KL: k1, k2, k3 (Schulman 2020) on sampled tokens, or exact from full logits"""
-    kl_in: Literal["reward", "loss"] = "reward"
-    """put the KL penalty in the per-token reward (InstructGPT) or in the loss (GRPO-style, use k3)"""
-    adaptive_kl: bool = False
-    """adapt beta toward --target-kl (Ziegler et al. 2019)"""
-    target_kl: float = 6.0
-    """target KL for --adaptive-kl, nats per sequence (summed over tokens)"""
-    kl_horizon: int = 10000
-    """horizon of the adaptive controller, in samples"""
-    gamma: float = 1.0
-    """discount (ppo-details 15)"""
-    lam: float = 0.95
-    """GAE lambda (ppo-details 15)"""
-    clip_eps: float = 0.2
-    """policy ratio clip range"""
-    value_clip_eps: float = 0.2
-    """value clip range around the rollout values (ppo-details 18)"""
-    vf_coef: float = 0.1
-    """value loss weight"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
-    whiten_rewards: bool = False
-    """whiten per-token rewards before GAE (off by default, ppo-details 16)"""
-    missing_eos_penalty: float | None = None
-    """replace the score of responses that never emit EOS with this value (lm-human-preferences used -1)"""
-    value_model: Literal["shared", "reward"] = "shared"
-    """value head on the policy's trunk, or a separate value network initialised from the reward model"""
-    seed: int = 0
-    """seed for prompts, sampling and minibatch order"""
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "response_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
-                )
-        if self.batch_size % self.minibatch_size:
-            raise ConfigError(
-                f"--minibatch-size {self.minibatch_size} must divide --batch-size {self.batch_size} "
-                f"(for example --minibatch-size {_largest_divisor(self.batch_size, self.minibatch_size)})"
-            )
-        if self.kl_coef < 0:
-            raise ConfigError(f"--kl-coef must be >= 0, got {self.kl_coef}")
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.lr <= 0 or self.clip_eps <= 0 or self.value_clip_eps <= 0:
-            raise ConfigError("--lr, --clip-eps and --value-clip-eps must be positive")
-        if self.adaptive_kl and self.target_kl <= 0:
-            raise ConfigError(f"--target-kl must be positive, got {self.target_kl}")
-        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
-            raise ConfigError("--gamma and --lam must be between 0 and 1")
-        if self.kl_horizon <= 0:
-            raise ConfigError(f"--kl-horizon must be positive, got {self.kl_horizon}")
-        for name in ("kl_estimator", "kl_in", "lr_schedule", "value_model"):
-            choices = typing.get_args(typing.get_type_hints(PPOConfig)[name])
-            if getattr(self, name) not in choices:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
-                )
-        if self.kl_in == "loss" and self.kl_estimator == "exact":
-            raise ConfigError(
-                "--kl-estimator exact works only with --kl-in reward; use k3 for a KL loss"
-            )
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
-class FixedKLController:
-    """A constant KL coefficient."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_samples: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-class AdaptiveKLController(FixedKLController):
-    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
-
-    KL is per sequence (summed over response tokens), in nats, averaged over the batch.
-    """
-
-    def __init__(self, kl_coef: float, target: float, horizon: int):
-        super().__init__(kl_coef)
-        self.target, self.horizon = target, horizon
-
-    def update(self, current_kl: float, n_samples: int) -> None:
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_samples / self.horizon
+from .ppo_config import AdaptiveKLController, FixedKLController, PPOConfig
+from .ppo_config import KLEstimatorChoice as KLEstimatorChoice  # re-exported
 
 
 class ValueModel(nn.Module):

@@ -1,16 +1,16 @@
 """`rlhf ppo`: load the models and prompts, run `PPOTrainer` for N steps, log, sample and save.
 
 Also the seed's one-call form, `ppo_step(policy_model, reward_model, ref_model, prompts)`.
+Loading the inputs is in `ppo_inputs` and live hacking detection in `hacking_detector`; their
+public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
-from .data import JsonlWriter, atomic_write_json, read_jsonl, read_prompts, write_jsonl
+from .data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from .errors import ConfigError, RLHFError
+from .hacking_detector import HackingDetector
 from .models import RewardModel
 from .ppo import NonFiniteError, PPOConfig, PPOTrainer
+from .ppo_inputs import default_reward_model_dir as default_reward_model_dir  # re-exported
+from .ppo_inputs import load_run_inputs
 from .tracking import RunLogger, progress_bar, save_config, set_seed
 
 
@@ -75,112 +78,6 @@ class PPORunConfig(PPOConfig):
             )
 
 
-def default_reward_model_dir(
-    cache_dir=None, base_cfg=None, reward_cfg=None, progress: bool = True
-) -> Path:
-    """The built-in task's reward model folder (holding `reward_model/`), trained on first use.
-
-    `base_cfg` (a `BaseModelConfig`) picks the base model it starts from; `reward_cfg` (a
-    `RewardConfig`) its training options. The cache key covers both.
-    """
-    from .reward import RewardConfig, train_reward
-    from .task.default import BaseModelConfig, base_model_dir, cache_key, default_cache_dir
-
-    base_cfg = base_cfg or BaseModelConfig()
-    reward_cfg = reward_cfg or RewardConfig()
-    root = default_cache_dir(cache_dir)
-    reward_fields = dataclasses.asdict(reward_cfg)
-    for name in ("out", "device", "cache_dir", "model", "data"):
-        reward_fields.pop(name)
-    target = root / cache_key(
-        "reward", {"reward": reward_fields, "base": dataclasses.asdict(base_cfg)}
-    )
-    if (target / "reward_eval.json").is_file():
-        return target
-    base_dir = base_model_dir(base_cfg, cache_dir=cache_dir, progress=progress)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".reward-", dir=root))
-    try:
-        cfg = dataclasses.replace(
-            reward_cfg, out=str(staging), model=str(base_dir), data=None, cache_dir=cache_dir
-        )
-        train_reward(cfg, progress=progress)
-        try:
-            staging.rename(target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-class HackingDetector:
-    """Warns once, live, when the proxy reward keeps rising while true quality falls.
-
-    Tracks exponential moving averages (weight `smooth`) of the proxy reward, the gold score (when
-    there is one) and distinct-2. Hacking is declared at the first step, after `warmup`, where the
-    proxy's average is at its running maximum (still rising) while the gold average has fallen
-    `gold_drop` below its peak or, without a gold judge, distinct-2 has fallen to
-    `diversity_drop` times its peak.
-    """
-
-    def __init__(
-        self,
-        smooth: float = 0.8,
-        warmup: int = 10,
-        gold_drop: float = 0.1,
-        diversity_drop: float = 0.75,
-    ):
-        self.smooth, self.warmup = smooth, warmup
-        self.gold_drop, self.diversity_drop = gold_drop, diversity_drop
-        self.avg: dict[str, float] = {}
-        self.peak: dict[str, float] = {}
-        self.step: int | None = None
-        self.message: str | None = None
-
-    def update(self, step: int, metrics: dict) -> str | None:
-        """Feed one step's metrics; returns the warning the first time hacking is detected."""
-        for key in ("objective/reward", "objective/gold", "text/distinct_2"):
-            if metrics.get(key) is None:
-                continue
-            prev = self.avg.get(key, metrics[key])
-            self.avg[key] = self.smooth * prev + (1 - self.smooth) * metrics[key]
-            self.peak[key] = max(self.peak.get(key, self.avg[key]), self.avg[key])
-        if self.step is not None or step < self.warmup:
-            return None
-        reward = self.avg["objective/reward"]
-        if reward < self.peak["objective/reward"] - 1e-9:
-            return None
-        reasons = []
-        if (
-            "objective/gold" in self.avg
-            and self.avg["objective/gold"] < self.peak["objective/gold"] - self.gold_drop
-        ):
-            reasons.append(
-                f"the gold score fell from {self.peak['objective/gold']:.2f} to {self.avg['objective/gold']:.2f}"
-            )
-        # With a gold judge its score is the verdict; text diversity is the signal only without
-        # one (a well-behaved policy's positive reviews are also less varied than the base model's).
-        if (
-            "objective/gold" not in self.avg
-            and "text/distinct_2" in self.avg
-            and self.avg["text/distinct_2"] < self.diversity_drop * self.peak["text/distinct_2"]
-        ):
-            reasons.append(
-                f"distinct-2 fell from {self.peak['text/distinct_2']:.2f} to {self.avg['text/distinct_2']:.2f}"
-            )
-        if not reasons:
-            return None
-        self.step = step
-        self.message = (
-            f"reward hacking at step {step}: the proxy reward is still rising ({reward:.2f}) but "
-            + " and ".join(reasons)
-            + "; the policy is exploiting the reward model (raise --kl-coef or stop here)"
-        )
-        return self.message
-
-
 class PromptStream:
     """Batches drawn from shuffled passes over the prompt pool; its position can be saved."""
 
@@ -209,60 +106,6 @@ class PromptStream:
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate((state["rng_version"], tuple(state["rng_internal"]), state["rng_gauss"]))
         self.pool = list(state["pool"])
-
-
-def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
-    """Prompts, policy, reference, reward model and tokenizer, validated before any training.
-
-    The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
-    the tokenizer's chat template.
-    """
-    from .generation import apply_chat_template, truncate_prompts
-    from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab, pick_device
-    from .models import check_reward_model_dir
-
-    # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
-    device = pick_device(cfg.device)
-    if cfg.model and not cfg.reward_model:
-        raise ConfigError(
-            "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
-        )
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
-    for directory in (cfg.model, cfg.ref_model):
-        if directory:
-            check_model_dir(directory)
-    if cfg.reward_model:
-        check_reward_model_dir(cfg.reward_model)
-    if prompts is None:
-        from .task import corpus
-
-        prompts = corpus.prompts(4096, seed=cfg.seed, split="train")
-    if cfg.model:
-        policy_dir = Path(cfg.model)
-    else:
-        from .task.default import base_model_dir
-
-        policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
-    tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
-    prompts, n_cut = truncate_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
-    if n_cut:
-        print(
-            f"warning: {n_cut} of {len(prompts)} prompts are longer than --max-prompt-tokens "
-            f"{cfg.max_prompt_tokens}; they keep their last tokens"
-        )
-    if cfg.chat_template:
-        prompts = apply_chat_template(tokenizer, prompts, f"the tokenizer in {policy_dir}")
-    policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
-    match_vocab(policy, tokenizer, policy_dir)
-    ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
-    ref = load_causal_lm(ref_dir, trust_remote_code=cfg.trust_remote_code)
-    match_vocab(ref, tokenizer, ref_dir)
-    if cfg.reward_model:
-        rm_dir = Path(cfg.reward_model)
-    else:
-        rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
-    reward_model = RewardModel.from_pretrained(rm_dir, trust_remote_code=cfg.trust_remote_code)
-    return prompts, policy.to(device), ref.to(device), reward_model.to(device), tokenizer
 
 
 class _GracefulStop:

@@ -1,11 +1,11 @@
-"""Preference data and reward-model training (the seed's tasks 1 and 2).
+"""Reward-model training and evaluation (the seed's task 2).
 
 Shapes: B pairs, T tokens.
 
-`create_preference_dataset` samples two responses per prompt from the base model and lets the gold
-judge choose, through Bradley-Terry sampling (P(A preferred) = sigmoid((gold_A - gold_B) / t)) to
-imitate human disagreement, or deterministically with t = 0. `train_reward` fits a `RewardModel`
-with the Bradley-Terry loss and normalises it on samples from the base model.
+`train_reward` fits a `RewardModel` with the Bradley-Terry loss (`reward_model_loss` is the seed's
+call form) on preference pairs and normalises it on samples from the base model. The pairs come
+from the user's file or from `create_preference_dataset`, which lives in `preferences` (the seed's
+task 1) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -14,17 +14,24 @@ import copy
 import math
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .core import bradley_terry_loss
-from .data import PreferencePair, atomic_write_json, read_preferences, write_preferences
+from .data import atomic_write_json, read_preferences, write_preferences
 from .errors import ConfigError
 from .generation import pad_right
 from .models import RewardModel
+from .preferences import (
+    _default_task,
+    _Pairs,
+    _pairs_from_file,
+    _pairs_from_records,
+    create_preference_dataset,
+    label_ceiling,
+)
 from .tracking import RunLogger, progress_bar, save_config, set_seed
 
 
@@ -92,79 +99,6 @@ def join_text(prompt: str, response: str) -> str:
     if not prompt or prompt[-1].isspace() or response[:1].isspace():
         return prompt + response
     return prompt + " " + response
-
-
-def _default_task(cache_dir=None, progress=True):
-    from .loading import load_causal_lm, load_tokenizer
-    from .task.default import base_model_dir
-
-    directory = base_model_dir(cache_dir=cache_dir, progress=progress)
-    return load_causal_lm(directory), load_tokenizer(directory), directory
-
-
-def create_preference_dataset(
-    model=None,
-    tokenizer=None,
-    prompts: Sequence[str] | None = None,
-    n_pairs: int = 2000,
-    judge=None,
-    label_temperature: float = 0.05,
-    response_tokens: int = 40,
-    seed: int = 0,
-    cache_dir=None,
-    progress: bool = True,
-) -> list[dict]:
-    """Two sampled responses per prompt, labelled by the gold judge.
-
-    With no arguments it uses the built-in task: its base model, its training prompts and its gold
-    judge. Records follow the seed's format, `{"prompt", "response_A", "response_B", "preference"}`,
-    plus the judge's scores `gold_A` and `gold_B` (which readers ignore) for evaluation.
-    `label_temperature=0` labels deterministically (ties go to A).
-    """
-    from .generation import sample_texts
-    from .task import corpus
-    from .task.gold import GoldJudge
-
-    if model is None or tokenizer is None:
-        model, tokenizer, _ = _default_task(cache_dir, progress)
-    judge = judge or GoldJudge()
-    if prompts is None:
-        # 10% spare: pairs with two identical (or empty) responses carry no preference and are dropped.
-        prompts = corpus.prompts(n_pairs + n_pairs // 10 + 8, seed=seed, split="train")
-    prompts = list(prompts)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    doubled = [p for p in prompts for _ in range(2)]
-    texts, ended = sample_texts(
-        model, tokenizer, doubled, response_tokens, generator=generator, device=device
-    )
-    gold = judge.score_batch(doubled, texts, ended)
-    rng = random.Random(seed)
-    records = []
-    for i, prompt in enumerate(prompts):
-        a, b = 2 * i, 2 * i + 1
-        if len(records) == n_pairs:
-            break
-        if texts[a] == texts[b] or not texts[a].strip() or not texts[b].strip():
-            continue
-        diff = gold[a] - gold[b]
-        if label_temperature == 0:
-            prefer_a = diff >= 0
-        else:
-            prefer_a = rng.random() < 1.0 / (
-                1.0 + math.exp(-max(min(diff / label_temperature, 50), -50))
-            )
-        records.append(
-            {
-                "prompt": prompt,
-                "response_A": texts[a],
-                "response_B": texts[b],
-                "preference": "A" if prefer_a else "B",
-                "gold_A": round(gold[a], 6),
-                "gold_B": round(gold[b], 6),
-            }
-        )
-    return records
 
 
 def _encode(
@@ -245,48 +179,6 @@ def reward_model_loss(
     return -(p_a * log_p_a + (1 - p_a) * log_p_b).mean()
 
 
-@dataclass
-class _Pairs:
-    """Preference pairs as parallel lists; `gold_*` is None when the data has no gold judge."""
-
-    prompts: list[str]
-    chosen: list[str]
-    rejected: list[str]
-    margins: list[float | None]
-    gold_chosen: list[float] | None = None
-    gold_rejected: list[float] | None = None
-
-    def subset(self, index: list[int]) -> _Pairs:
-        pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
-        return _Pairs(
-            pick(self.prompts), pick(self.chosen), pick(self.rejected), pick(self.margins),
-            pick(self.gold_chosen), pick(self.gold_rejected),
-        )  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def _pairs_from_records(records: list[dict]) -> _Pairs:
-    pairs = _Pairs([], [], [], [], [], [])
-    for r in records:
-        a_wins = r["preference"] == "A"
-        pairs.prompts.append(r["prompt"])
-        pairs.chosen.append(r["response_A"] if a_wins else r["response_B"])
-        pairs.rejected.append(r["response_B"] if a_wins else r["response_A"])
-        pairs.margins.append(None)
-        pairs.gold_chosen.append(r["gold_A"] if a_wins else r["gold_B"])
-        pairs.gold_rejected.append(r["gold_B"] if a_wins else r["gold_A"])
-    return pairs
-
-
-def _pairs_from_file(items: list[PreferencePair]) -> _Pairs:
-    return _Pairs(
-        [p.prompt for p in items], [p.chosen for p in items], [p.rejected for p in items],
-        [p.margin for p in items],
-    )  # fmt: skip
-
-
 @torch.no_grad()
 def score_texts(
     reward_model: RewardModel, tokenizer, prompts: list[str], responses: list[str],
@@ -328,14 +220,6 @@ def evaluate_reward_model(
     else:
         result["accuracy"] = result["label_accuracy"]
     return result
-
-
-def label_ceiling(pairs: _Pairs) -> float | None:
-    """How often the (sampled) labels agree with the gold ordering, over pairs whose gold differs."""
-    if pairs.gold_chosen is None:
-        return None
-    decided = [(c, r) for c, r in zip(pairs.gold_chosen, pairs.gold_rejected) if c != r]
-    return sum(c > r for c, r in decided) / max(1, len(decided))
 
 
 def _split_sizes(n_pairs: int, eval_fraction: float, source) -> int:

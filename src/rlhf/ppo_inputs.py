@@ -1,0 +1,115 @@
+"""The inputs of a PPO run: prompts, policy, reference, reward model and tokenizer.
+
+`load_run_inputs` checks and loads what `rlhf ppo` was given (or the built-in task's defaults);
+`default_reward_model_dir` trains the built-in task's reward model on first use and caches it.
+`ppo_train`, which runs the training loop on these inputs, re-exports both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .data import read_prompts
+from .errors import ConfigError
+from .models import RewardModel
+
+if TYPE_CHECKING:
+    from .ppo_train import PPORunConfig
+
+
+def default_reward_model_dir(
+    cache_dir=None, base_cfg=None, reward_cfg=None, progress: bool = True
+) -> Path:
+    """The built-in task's reward model folder (holding `reward_model/`), trained on first use.
+
+    `base_cfg` (a `BaseModelConfig`) picks the base model it starts from; `reward_cfg` (a
+    `RewardConfig`) its training options. The cache key covers both.
+    """
+    from .reward import RewardConfig, train_reward
+    from .task.default import BaseModelConfig, base_model_dir, cache_key, default_cache_dir
+
+    base_cfg = base_cfg or BaseModelConfig()
+    reward_cfg = reward_cfg or RewardConfig()
+    root = default_cache_dir(cache_dir)
+    reward_fields = dataclasses.asdict(reward_cfg)
+    for name in ("out", "device", "cache_dir", "model", "data"):
+        reward_fields.pop(name)
+    target = root / cache_key(
+        "reward", {"reward": reward_fields, "base": dataclasses.asdict(base_cfg)}
+    )
+    if (target / "reward_eval.json").is_file():
+        return target
+    base_dir = base_model_dir(base_cfg, cache_dir=cache_dir, progress=progress)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".reward-", dir=root))
+    try:
+        cfg = dataclasses.replace(
+            reward_cfg, out=str(staging), model=str(base_dir), data=None, cache_dir=cache_dir
+        )
+        train_reward(cfg, progress=progress)
+        try:
+            staging.rename(target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
+    """Prompts, policy, reference, reward model and tokenizer, validated before any training.
+
+    The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
+    the tokenizer's chat template.
+    """
+    from .generation import apply_chat_template, truncate_prompts
+    from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab, pick_device
+    from .models import check_reward_model_dir
+
+    # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
+    device = pick_device(cfg.device)
+    if cfg.model and not cfg.reward_model:
+        raise ConfigError(
+            "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
+        )
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    for directory in (cfg.model, cfg.ref_model):
+        if directory:
+            check_model_dir(directory)
+    if cfg.reward_model:
+        check_reward_model_dir(cfg.reward_model)
+    if prompts is None:
+        from .task import corpus
+
+        prompts = corpus.prompts(4096, seed=cfg.seed, split="train")
+    if cfg.model:
+        policy_dir = Path(cfg.model)
+    else:
+        from .task.default import base_model_dir
+
+        policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
+    tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    prompts, n_cut = truncate_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
+    if n_cut:
+        print(
+            f"warning: {n_cut} of {len(prompts)} prompts are longer than --max-prompt-tokens "
+            f"{cfg.max_prompt_tokens}; they keep their last tokens"
+        )
+    if cfg.chat_template:
+        prompts = apply_chat_template(tokenizer, prompts, f"the tokenizer in {policy_dir}")
+    policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    match_vocab(policy, tokenizer, policy_dir)
+    ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
+    ref = load_causal_lm(ref_dir, trust_remote_code=cfg.trust_remote_code)
+    match_vocab(ref, tokenizer, ref_dir)
+    if cfg.reward_model:
+        rm_dir = Path(cfg.reward_model)
+    else:
+        rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
+    reward_model = RewardModel.from_pretrained(rm_dir, trust_remote_code=cfg.trust_remote_code)
+    return prompts, policy.to(device), ref.to(device), reward_model.to(device), tokenizer

@@ -73,6 +73,32 @@ def test_train_reward_cli_on_a_tiny_model(tmp_path, tiny_model_dir, fmt, capsys)
     )
 
 
+def test_result_does_not_depend_on_rng_draws_while_loading(tmp_path, tiny_model_dir, monkeypatch):
+    # A cold cache pretrains the base model inside `train_reward`, drawing from the global RNG; a
+    # warm cache does not. Simulate that with a loader that draws, and require the same head.
+    import rlhf.loading as loading
+    from rlhf.reward import RewardConfig, train_reward
+
+    data = tmp_path / "prefs.jsonl"
+    _write_pairs(data)
+    real_load = loading.load_causal_lm
+
+    def run(name, draws):
+        def load(*args, **kwargs):
+            torch.rand(draws)
+            return real_load(*args, **kwargs)
+
+        monkeypatch.setattr(loading, "load_causal_lm", load)
+        cfg = RewardConfig(
+            out=str(tmp_path / name), data=str(data), model=str(tiny_model_dir), epochs=1,
+            batch_size=8, normalise_samples=8, response_tokens=4,
+        )  # fmt: skip
+        train_reward(cfg, progress=False)
+        return RewardModel.from_pretrained(tmp_path / name / "reward_model").reward_head.weight
+
+    assert torch.equal(run("warm", 0), run("cold", 1000))
+
+
 def test_bad_preference_file_gives_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text(

@@ -166,6 +166,7 @@ def train_ppo(
             )
     set_seed(cfg.seed)
     prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
+    set_seed(cfg.seed)  # again: a cold cache trains models first, drawing from the global RNG
     builtin_prompts = cfg.prompts is None
     gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
     trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold)

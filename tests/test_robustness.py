@@ -647,9 +647,9 @@ def test_unknown_kl_estimator_is_refused_by_the_parser(tmp_path, folders, capsys
     with pytest.raises(SystemExit) as info:
         main(_ppo_args(folders, tmp_path / "run", "--kl-estimator", "k9"))
     assert info.value.code == 2
-    assert (
-        "argument --kl-estimator: invalid choice: 'k9'" in capsys.readouterr().err.splitlines()[-1]
-    )
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "argument --kl-estimator: invalid choice: 'k9'" in err[0]
+    assert err[0].startswith("rlhf ppo: error:") and err[0].endswith("(see rlhf ppo --help)")
     assert not (tmp_path / "run").exists()
 
 

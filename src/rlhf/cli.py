@@ -100,8 +100,15 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides):
     return cls(**values)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rlhf",
         description=(
             "Reinforcement Learning from Human Feedback with PPO. With no options every command runs "

@@ -113,6 +113,22 @@ def test_hacking_detector_uses_diversity_without_a_gold_judge():
     assert fired == [8]
 
 
+def test_default_diversity_signal_spares_a_healthy_run_and_catches_collapse():
+    # Shapes of the demo's runs without a gold judge: with a KL penalty distinct-2 drifts from 0.66
+    # to 0.40 as the reviews turn positive; without one it collapses to 0.08.
+    def first_warning(final_distinct):
+        detector = HackingDetector()
+        for s in range(70):
+            distinct = 0.66 + (final_distinct - 0.66) * min(s / 40, 1.0)
+            if detector.update(s, {"objective/reward": 0.03 * s, "text/distinct_2": distinct}):
+                return s
+        return None
+
+    assert first_warning(0.40) is None
+    step = first_warning(0.08)
+    assert step is not None and 20 <= step <= 40
+
+
 def test_summarise_run_uses_window_means():
     rows = [
         {

@@ -23,8 +23,11 @@ class HackingDetector:
         smooth: float = 0.8,
         warmup: int = 10,
         gold_drop: float = 0.1,
-        diversity_drop: float = 0.75,
+        diversity_drop: float = 0.5,
     ):
+        # diversity_drop 0.5: replayed without its gold scores, the demo's healthy kl_coef=0.1 run
+        # (distinct-2 0.66 -> 0.41 over 70 steps) tripped 0.75 at step 47 but never 0.5, while the
+        # kl_coef=0 run crosses 0.5 at step 25, the step the gold score gives.
         self.smooth, self.warmup = smooth, warmup
         self.gold_drop, self.diversity_drop = gold_drop, diversity_drop
         self.avg: dict[str, float] = {}

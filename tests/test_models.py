@@ -145,6 +145,18 @@ def test_value_head_starts_at_zero(tiny_lm, tiny_tokenizer):
     assert torch.all(values == 0)
 
 
+def test_heads_are_created_beside_the_trunk(tiny_tokenizer):
+    # A model already on the GPU must get its heads there too (PPOTrainer wraps the policy it is
+    # given); "meta" stands in for a device other than the CPU.
+    from conftest import make_tiny_lm
+
+    on_meta = RewardModel(make_tiny_lm(tiny_tokenizer).to("meta"))
+    assert {p.device.type for p in on_meta.reward_head.parameters()} == {"meta"}
+    assert {b.device.type for b in on_meta.buffers()} == {"meta"}
+    policy = PolicyWithValueHead(make_tiny_lm(tiny_tokenizer).to("meta"))
+    assert {p.device.type for p in policy.value_head.parameters()} == {"meta"}
+
+
 def test_swap_slow_gelu_keeps_the_function_and_the_saved_model(tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 

@@ -203,8 +203,8 @@ def best_of_n_curve(
         generator=torch.Generator(device=device).manual_seed(seed),
         device=device,
     )
-    proxy = score_texts(reward_model, tokenizer, doubled, texts).view(
-        len(prompts), n_max
+    proxy = (
+        score_texts(reward_model, tokenizer, doubled, texts).cpu().view(len(prompts), n_max)
     )  # (N, n_max)
     gold = torch.tensor(judge.score_batch(doubled, texts, ended)).view(
         len(prompts), n_max

@@ -27,6 +27,12 @@ REWARD_CONFIG_FILE = "reward_config.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's first parameter lives (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def hidden_size_of(model: nn.Module) -> int:
     """Width of the final hidden state, whatever the config calls it."""
     config = getattr(model, "config", None)
@@ -96,8 +102,11 @@ class RewardModel(nn.Module):
         # N(0, 1/sqrt(d+1)) weights and zero bias (ppo-details 8, lm-human-preferences).
         nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(d + 1))
         nn.init.zeros_(self.reward_head.bias)
-        self.register_buffer("reward_gain", torch.tensor(1.0))
-        self.register_buffer("reward_bias", torch.tensor(0.0))
+        # Drawn on the CPU (the same numbers whatever the device), then put beside the trunk.
+        device = device_of(base_model)
+        self.reward_head.to(device)
+        self.register_buffer("reward_gain", torch.tensor(1.0, device=device))
+        self.register_buffer("reward_bias", torch.tensor(0.0, device=device))
 
     def raw_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -232,7 +241,7 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        self.value_head = nn.Linear(hidden_size_of(lm), 1)
+        self.value_head = nn.Linear(hidden_size_of(lm), 1, device=device_of(lm))
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 

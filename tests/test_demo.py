@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf.hacking import fit_functional_form, summarise_run
+from rlhf.hacking import fit_functional_form, fit_terms, summarise_run
 from rlhf.ppo_train import HackingDetector
 
 SUMMARY_RUN_KEYS = {"reward", "kl", "gold", "distinct_2", "peak_gold"}
@@ -143,6 +143,11 @@ def test_summarise_run_uses_window_means():
     assert summary["reward"] == pytest.approx((5 + 6 + 7 + 8 + 9) / 5)
     assert summary["initial_reward"] == 0.0
     assert summary["steps"] == 10
+
+
+def test_fit_terms_fold_the_sign_of_b():
+    assert fit_terms(0.34, 0.14, "log d") == "0.34 - 0.14 log d"
+    assert fit_terms(0.314, -0.038, "log d", 3) == "0.314 + 0.038 log d"
 
 
 def test_functional_form_fits_recover_known_coefficients():

@@ -323,7 +323,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     for folder in (run, reference):
         # --keep-checkpoints 3, every 2 steps of 40; no half-written checkpoint folder is left.
         kept = [p.name for p in sorted((folder / "checkpoints").iterdir())]
-        assert kept == ["step-000034", "step-000036", "step-000038"]
+        assert kept == ["step-000036", "step-000038", "step-000040"]
         assert not list(folder.rglob(".tmp-*"))
 
 
@@ -361,11 +361,30 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(
     _assert_same_run(out, reference_run)
 
 
+def test_resume_extends_a_finished_run(tmp_path, folders, reference_run, capsys):
+    # A 36-step run checkpoints its last step; `--steps 40 --resume` goes on from there and ends
+    # where the uninterrupted 40-step run does.
+    out = tmp_path / "run"
+    short = list(PPO_LONG)
+    short[short.index("--steps") + 1] = "36"
+    assert main(_ppo_args(folders, out, *short)) == 0
+    assert (out / "checkpoints" / "step-000036" / "state.pt").is_file()
+    assert main(_ppo_args(folders, out, *PPO_LONG, "--resume")) == 0
+    assert "(step 36)" in capsys.readouterr().out
+    _assert_same_rows(_rows(out), _rows(reference_run))
+    a = load_file(str(out / "policy" / "model.safetensors"))
+    b = load_file(str(reference_run / "policy" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (["--steps", "30"], "is already at step 38; --steps 30 leaves nothing to run"),
-        (["--model", "DIR:llama"], "step-000038: its weights do not fit this model"),
+        (["--steps", "30"], "is already at step 40; --steps 30 leaves nothing to run"),
+        (
+            ["--model", "DIR:llama", "--steps", "50"],
+            "step-000040: its weights do not fit this model",
+        ),
     ],
 )
 def test_resume_that_cannot_continue_is_one_line(

@@ -247,7 +247,7 @@ def _parse_kl_coefs(text: str) -> list[float]:
 
 
 def _run_sweep(args) -> None:
-    from .hacking import kl_sweep
+    from .hacking import fit_terms, kl_sweep
 
     coefs = _parse_kl_coefs(args.kl_coefs)
     if args.steps <= 0:
@@ -259,8 +259,8 @@ def _run_sweep(args) -> None:
     out = Path(args.out)
     print(
         f"sweep: {len(coefs)} PPO runs of {args.steps} steps and best-of-n up to "
-        f"n={result['best_of_n'][-1]['n']}; gold fit R(d) = d ({fit['a']:.3f} - {fit['b']:.3f} "
-        f"log d)\n  figure: {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
+        f"n={result['best_of_n'][-1]['n']}; gold fit R(d) = d "
+        f"({fit_terms(fit['a'], fit['b'], 'log d', 3)})\n  figure: {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
     )
 
 

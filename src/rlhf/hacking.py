@@ -222,6 +222,12 @@ def best_of_n_curve(
     return points
 
 
+def fit_terms(a: float, b: float, term: str, digits: int = 2) -> str:
+    """`a - b term` for a fitted R(d) = d (a - b term), with the sign of a negative b folded in."""
+    sign = "-" if b >= 0 else "+"
+    return f"{a:.{digits}f} {sign} {abs(b):.{digits}f} {term}"
+
+
 def kl_sweep(
     kl_coefs: list[float],
     out: str | Path = "runs/sweep",
@@ -357,7 +363,7 @@ def plot_frontier(result: dict, path: Path) -> None:
         color="black",
         lw=2.2,
         alpha=0.6,
-        label=f"fit to PPO: d({a:.2f} - {b:.2f} log d)",
+        label=f"fit to PPO: d ({fit_terms(a, b, 'log d')})",
     )
     a, b = result["fit_bon"]["a"], result["fit_bon"]["b"]
     bon_grid = np.linspace(1e-3, bon[-1]["d"], 100)
@@ -367,7 +373,7 @@ def plot_frontier(result: dict, path: Path) -> None:
         color="gray",
         lw=1.5,
         ls=":",
-        label=f"fit to best-of-n: d({a:.2f} - {b:.2f} d)",
+        label=f"fit to best-of-n: d ({fit_terms(a, b, 'd')})",
     )
     for ax, what in (
         (ax_gold, "gold score (the judge)"),

@@ -222,11 +222,13 @@ def train_ppo(
                 if on_step is not None:
                     on_step(step, metrics)
                 done = step + 1
-                if done == cfg.steps:
-                    break  # finished: the final save below is the checkpoint
                 saved = None
-                if cfg.save_every and done % cfg.save_every == 0:
+                # The last step is checkpointed too, so that `--steps N --resume` can extend a
+                # finished run from where it ended.
+                if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.steps):
                     saved = checkpoint(done)
+                if done == cfg.steps:
+                    break
                 if stop.requested:
                     saved = saved or checkpoint(done)
                     raise Interrupted(

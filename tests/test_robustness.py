@@ -662,6 +662,22 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     assert _tree(out) == before
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["ppo", "--nope"], "rlhf ppo: error: unrecognized arguments: --nope (see rlhf ppo --help)"),
+        (["demo", "--steps", "3"], "rlhf demo: error: unrecognized arguments: --steps 3 (see rlhf demo --help)"),
+        (["frobnicate"], "rlhf: error: argument COMMAND: invalid choice: 'frobnicate'"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_naming_the_command(argv, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
+
+
 def test_unknown_kl_estimator_is_refused_by_the_parser(tmp_path, folders, capsys):
     with pytest.raises(SystemExit) as info:
         main(_ppo_args(folders, tmp_path / "run", "--kl-estimator", "k9"))

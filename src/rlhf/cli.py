@@ -101,10 +101,20 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (argparse prints the whole usage block first)."""
+    """argparse, but a usage error is one line (argparse prints the whole usage block first),
+    and an unknown option is reported by its subcommand, so the line names that command's --help."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.commands.get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--cache-dir", default=None, help="cache for the built-in base and reward models"
     )
+    parser.commands = sub.choices
     return parser
 
 
@@ -284,11 +295,7 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # name the subcommand's --help, not the top level's
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        command_parser = sub.choices.get(args.command, parser)
-        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -191,9 +191,10 @@ def best_of_n_curve(
     import torch
 
     from .generation import sample_texts
+    from .models import device_of
     from .reward import score_texts
 
-    device = next(lm.parameters()).device
+    device = device_of(lm)
     doubled = [p for p in prompts for _ in range(n_max)]
     texts, ended = sample_texts(
         lm,

@@ -37,6 +37,7 @@ from .models import (
     PolicyWithValueHead,
     RewardModel,
     accepts_kwarg,
+    device_of,
     final_hidden_states,
     position_ids_from_mask,
     swap_slow_gelu,
@@ -121,7 +122,7 @@ class PPOTrainer:
             policy if isinstance(policy, PolicyWithValueHead) else PolicyWithValueHead(policy)
         )
         self.policy.eval()  # dropout off in the policy too; eval() does not stop gradients
-        self.device = next(self.policy.parameters()).device
+        self.device = device_of(self.policy)
         self.ref_model = _freeze(ref_model)
         self.reward_model = _freeze(reward_model)
         self.tokenizer = tokenizer

@@ -164,9 +164,9 @@ def train_ppo(
                 f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "
                 f"--steps {cfg.steps} leaves nothing to run"
             )
-    set_seed(cfg.seed)
     prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
-    set_seed(cfg.seed)  # again: a cold cache trains models first, drawing from the global RNG
+    # Seeded after loading: on a cold cache, loading trains models first and draws from the RNG.
+    set_seed(cfg.seed)
     builtin_prompts = cfg.prompts is None
     gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
     trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold)

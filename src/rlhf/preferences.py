@@ -47,6 +47,7 @@ def create_preference_dataset(
     `label_temperature=0` labels deterministically (ties go to A).
     """
     from .generation import sample_texts
+    from .models import device_of
     from .task import corpus
     from .task.gold import GoldJudge
 
@@ -57,7 +58,7 @@ def create_preference_dataset(
         # 10% spare: pairs with two identical (or empty) responses carry no preference and are dropped.
         prompts = corpus.prompts(n_pairs + n_pairs // 10 + 8, seed=seed, split="train")
     prompts = list(prompts)
-    device = next(model.parameters()).device
+    device = device_of(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     doubled = [p for p in prompts for _ in range(2)]
     texts, ended = sample_texts(

@@ -247,7 +247,6 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     )
 
     cfg.validate()
-    set_seed(cfg.seed)
     device = pick_device(cfg.device)
     start = time.perf_counter()
     out = Path(cfg.out)
@@ -265,8 +264,8 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         match_vocab(lm, tokenizer, cfg.model)
     else:
         lm, tokenizer, _ = _default_task(cfg.cache_dir, progress)
-    # Seed again: pretraining the base model on a cold cache draws from the global RNG, and the
-    # head's initialisation below must not depend on whether the cache was warm.
+    # Seeded after loading: pretraining the base model on a cold cache draws from the global RNG,
+    # and the head's initialisation below must not depend on whether the cache was warm.
     set_seed(cfg.seed)
     lm.to(device)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,15 +58,17 @@ from transformers import (  # noqa: E402
 )
 
 from rlhf.core import logprobs_from_logits  # noqa: E402
-from rlhf.generation import encode_prompts, sample_responses  # noqa: E402
-from rlhf.models import RewardModel, position_ids_from_mask  # noqa: E402
-from rlhf.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from rlhf.models.forward import position_ids_from_mask  # noqa: E402
+from rlhf.models.generation import encode_prompts, sample_responses  # noqa: E402
+from rlhf.models.reward_model import RewardModel  # noqa: E402
+from rlhf.rl.config import PPOConfig  # noqa: E402
+from rlhf.rl.trainer import PPOTrainer  # noqa: E402
 from rlhf.task import corpus  # noqa: E402
 from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
 
 LR = 1e-5  # any constant will do for timing; the same for both
 PHASES = ("time/generate_s", "time/forward_s", "time/score_s", "time/update_s", "time/step_s")
-CLOCK = time.perf_counter  # --clock cpu swaps in time.process_time, here and inside rlhf.ppo
+CLOCK = time.perf_counter  # --clock cpu swaps in time.process_time, here and inside rlhf.rl.trainer
 
 
 # ----- shared setup ------------------------------------------------------------------------
@@ -388,7 +390,7 @@ def report(res: dict, minibatches: int, args) -> tuple[str, dict]:
         "ours_over_sum_of_passes": ours / passes["sum"],
     }
     unit = "s" if args.clock == "wall" else "CPU s"
-    rows = [("ours (`rlhf.ppo.PPOTrainer.step`)", "ours")]
+    rows = [("ours (`rlhf.rl.trainer.PPOTrainer.step`)", "ours")]
     if "ours_separate_value" in m:
         rows.append(
             (
@@ -469,12 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.clock == "cpu":
         # CPU seconds of this process: robust to other load, but with more than one thread it
-        # also counts the threads' spin-waits. rlhf.ppo's phase timings switch clocks too.
+        # also counts the threads' spin-waits. rlhf.rl.trainer's phase timings switch clocks too.
         global CLOCK
         CLOCK = time.process_time
-        import rlhf.ppo
+        import rlhf.rl.trainer
 
-        rlhf.ppo.time = types.SimpleNamespace(perf_counter=time.process_time)
+        rlhf.rl.trainer.time = types.SimpleNamespace(perf_counter=time.process_time)
 
     import transformers
     import trl

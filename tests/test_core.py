@@ -445,7 +445,7 @@ def test_response_mask_when_pad_equals_eos() -> None:
 
 
 def test_inverse_cdf_sampler_matches_the_probabilities_and_never_picks_zero():
-    from rlhf.generation import _sample
+    from rlhf.models.generation import _sample
 
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0]).repeat(40_000, 1)  # (N, V)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from rlhf.hacking import fit_functional_form, fit_terms, summarise_run
-from rlhf.ppo_train import HackingDetector
+from rlhf.analysis.hacking import summarise_run
+from rlhf.analysis.sweep import fit_functional_form, fit_terms
+from rlhf.rl.detector import HackingDetector
 
 SUMMARY_RUN_KEYS = {"reward", "kl", "gold", "distinct_2", "peak_gold"}
 
@@ -163,14 +164,15 @@ def test_functional_form_fits_recover_known_coefficients():
 @pytest.mark.parametrize("command", ["demo", "sweep"])
 def test_ctrl_c_in_demo_or_sweep_does_not_suggest_resume(monkeypatch, capsys, tmp_path, command):
     """Only `rlhf ppo` has --resume; the other commands say what running again will redo."""
-    from rlhf import cli, hacking, pipeline
-    from rlhf.ppo_train import Interrupted
+    from rlhf import cli, pipeline
+    from rlhf.analysis import sweep
+    from rlhf.rl.run import Interrupted
 
     def interrupted(*args, **kwargs):
         raise Interrupted("interrupted after 3 of 70 steps; ... plus --resume")
 
     monkeypatch.setattr(pipeline, "run_demo", interrupted)
-    monkeypatch.setattr(hacking, "kl_sweep", interrupted)
+    monkeypatch.setattr(sweep, "kl_sweep", interrupted)
     assert cli.main([command, "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rlhf {command}: interrupted;") and "--resume" not in err, err
@@ -195,7 +197,8 @@ def test_sweep_rejects_bad_kl_coefs_in_one_line(capsys, tmp_path, value, expecte
 
 
 def test_sweep_command_passes_its_options_to_kl_sweep(monkeypatch, capsys, tmp_path):
-    from rlhf import cli, hacking
+    from rlhf import cli
+    from rlhf.analysis import sweep
 
     seen = {}
 
@@ -203,7 +206,7 @@ def test_sweep_command_passes_its_options_to_kl_sweep(monkeypatch, capsys, tmp_p
         seen.update(coefs=coefs, out=out, steps=steps, seed=seed, lr=base.lr)
         return {"fit_rl": {"a": 1.0, "b": 0.5}, "best_of_n": [{"n": 1}, {"n": 64}]}
 
-    monkeypatch.setattr(hacking, "kl_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "kl_sweep", fake_sweep)
     out = str(tmp_path / "s")
     args = ["sweep", "--kl-coefs", "0, 0.1", "--steps", "5", "--lr", "3e-5", "--seed", "4"]
     assert cli.main([*args, "--out", out]) == 0

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf.models import PolicyWithValueHead, RewardModel, last_token_index, position_ids_from_mask
-from rlhf.reward import reward_model_loss
+from rlhf.models.forward import last_token_index, position_ids_from_mask
+from rlhf.models.policy import PolicyWithValueHead
+from rlhf.models.reward_model import RewardModel
+from rlhf.reward.loss import reward_model_loss
 
 
 def _pad(rows, pad_id, side):
@@ -161,7 +163,7 @@ def test_swap_slow_gelu_keeps_the_function_and_the_saved_model(tmp_path, tiny_to
     from transformers import AutoModelForCausalLM
 
     from conftest import make_tiny_lm
-    from rlhf.models import swap_slow_gelu
+    from rlhf.models.forward import swap_slow_gelu
 
     lm = make_tiny_lm(tiny_tokenizer).eval()
     ids = torch.randint(0, len(tiny_tokenizer), (3, 9))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf import plots
+from rlhf.analysis import plots
 from rlhf.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -25,8 +25,10 @@ from torch import nn
 from conftest import make_tiny_lm
 from rlhf import core
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.models import RewardModel, position_ids_from_mask
-from rlhf.ppo import AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer
+from rlhf.models.forward import position_ids_from_mask
+from rlhf.models.reward_model import RewardModel
+from rlhf.rl.config import AdaptiveKLController, FixedKLController, PPOConfig
+from rlhf.rl.trainer import PPOTrainer
 
 # Eight prompts of different lengths, so every batch is left-padded.
 PROMPTS = [
@@ -480,7 +482,7 @@ def _ppo_step_trainer(policy):
 
 
 def test_ppo_step_continues_one_trainer_per_policy(tiny_tokenizer):
-    from rlhf.ppo_train import ppo_step
+    from rlhf.rl.run import ppo_step
 
     policy = make_tiny_lm(tiny_tokenizer)
     ref = copy.deepcopy(policy)
@@ -506,7 +508,7 @@ def test_ppo_step_continues_one_trainer_per_policy(tiny_tokenizer):
 
 
 def test_ppo_step_does_not_keep_the_policy_alive(tiny_tokenizer):
-    from rlhf.ppo_train import ppo_step
+    from rlhf.rl.run import ppo_step
 
     policy = make_tiny_lm(tiny_tokenizer)
     reward_model = RewardModel(make_tiny_lm(tiny_tokenizer, seed=2), tokenizer=tiny_tokenizer)

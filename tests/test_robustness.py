@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_TEXTS, make_tiny_lm
 from rlhf.cli import main
 from rlhf.errors import ConfigError, InputError
-from rlhf.models import RewardModel, load_policy
-from rlhf.ppo import NonFiniteError, PPOConfig, PPOTrainer
+from rlhf.models.policy import load_policy
+from rlhf.models.reward_model import RewardModel
+from rlhf.rl.config import PPOConfig
+from rlhf.rl.trainer import NonFiniteError, PPOTrainer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rlhf"
 
@@ -180,7 +182,8 @@ def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
 def test_train_reward_then_ppo_on_a_saved_model(tmp_path, folders, arch, pad, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.ppo_train import PPORunConfig, load_run_inputs
+    from rlhf.rl.config import PPORunConfig
+    from rlhf.rl.inputs import load_run_inputs
 
     model_dir = folders[arch if pad == "pad" else f"{arch}-no-pad"]
     n_saved = len(AutoTokenizer.from_pretrained(model_dir))
@@ -267,7 +270,7 @@ def test_prompt_files_and_one_warning_for_long_prompts(
 
 
 def test_truncated_prompts_keep_their_last_tokens(tiny_tokenizer):
-    from rlhf.generation import truncate_prompts
+    from rlhf.models.generation import truncate_prompts
 
     cut, n = truncate_prompts(tiny_tokenizer, PROMPTS, 4)
     assert n == sum(len(tiny_tokenizer(p)["input_ids"]) > 4 for p in PROMPTS)
@@ -407,7 +410,7 @@ def test_resume_that_cannot_continue_is_one_line(
 
 
 def test_second_ctrl_c_stops_at_once_and_the_handler_is_restored(capfd):
-    from rlhf.ppo_train import _GracefulStop
+    from rlhf.rl.run import _GracefulStop
 
     before = signal.getsignal(signal.SIGINT)
     with _GracefulStop() as stop:
@@ -511,18 +514,18 @@ def _assert_unchanged(trainer: PPOTrainer, snapshot: tuple[dict, list]) -> None:
 
 
 def test_nan_loss_changes_no_weight_and_names_the_step(tiny_tokenizer, monkeypatch):
-    import rlhf.ppo
+    import rlhf.rl.trainer
 
     trainer = _trainer(tiny_tokenizer)
     trainer.step(PROMPTS)
     before = _snapshot(trainer)
-    original = rlhf.ppo.policy_loss
+    original = rlhf.rl.trainer.policy_loss
 
     def nan_loss(*args, **kwargs):
         loss, stats = original(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(rlhf.ppo, "policy_loss", nan_loss)
+    monkeypatch.setattr(rlhf.rl.trainer, "policy_loss", nan_loss)
     with pytest.raises(NonFiniteError, match=r"^step 2: the loss is not finite"):
         trainer.step(PROMPTS)
     _assert_unchanged(trainer, before)
@@ -653,7 +656,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
         def no_loading(*args, **kwargs):
             raise AssertionError(f"{case}: a model was loaded before the input was checked")
 
-        monkeypatch.setattr("rlhf.loading.load_causal_lm", no_loading)
+        monkeypatch.setattr("rlhf.models.loading.load_causal_lm", no_loading)
     code = main(_command(folders, tmp_path, cmd, change, out))
     err = capsys.readouterr().err
     assert code == 2, err
@@ -738,7 +741,7 @@ def test_source_loads_nothing_unsafe():
 
 
 def test_pickled_weights_are_refused_without_unpickling(folders, monkeypatch):
-    from rlhf.loading import load_causal_lm
+    from rlhf.models.loading import load_causal_lm
 
     def no_unpickling(*args, **kwargs):
         raise AssertionError("torch.load was called on a pickle")
@@ -751,7 +754,7 @@ def test_pickled_weights_are_refused_without_unpickling(folders, monkeypatch):
 @pytest.mark.parametrize("model_type", ["gpt2", "evil"])
 def test_remote_code_is_not_run_without_the_flag(tmp_path, folders, model_type):
     """A folder that asks for its own code gets the library's class, or an error; never its code."""
-    from rlhf.loading import load_causal_lm
+    from rlhf.models.loading import load_causal_lm
 
     folder = tmp_path / "remote"
     shutil.copytree(folders["gpt2"], folder)
@@ -775,8 +778,8 @@ def test_remote_code_is_not_run_without_the_flag(tmp_path, folders, model_type):
 
 
 def test_chat_template_wraps_prompts_without_doubling_bos(folders):
-    from rlhf.generation import apply_chat_template
-    from rlhf.loading import load_tokenizer
+    from rlhf.models.generation import apply_chat_template
+    from rlhf.models.loading import load_tokenizer
 
     tok = load_tokenizer(folders["chat"])
     (text,) = apply_chat_template(tok, ["the plot"])

@@ -1,7 +1,7 @@
 """rlhf: Reinforcement Learning from Human Feedback with PPO.
 
-The public API keeps the names of the original exercise; everything else lives in its stage module
-(data, models, reward, ppo, plots, hacking).
+The public API keeps the names of the original exercise; everything else lives in its stage's wing:
+`rlhf.models`, `rlhf.reward`, `rlhf.rl`, `rlhf.analysis`, `rlhf.task` (see each wing's docstring).
 """
 
 from __future__ import annotations
@@ -12,20 +12,20 @@ __version__ = "0.1.0"
 
 # Imported on first use: torch and transformers take seconds to import, and `rlhf --help` should not.
 _EXPORTS = {
-    "RewardModel": "rlhf.models",
-    "PolicyWithValueHead": "rlhf.models",
-    "create_preference_dataset": "rlhf.preferences",
-    "reward_model_loss": "rlhf.reward",
-    "train_reward": "rlhf.reward",
-    "RewardConfig": "rlhf.reward",
-    "ppo_step": "rlhf.ppo_train",
-    "train_ppo": "rlhf.ppo_train",
-    "PPORunConfig": "rlhf.ppo_train",
-    "PPOTrainer": "rlhf.ppo",
-    "PPOConfig": "rlhf.ppo_config",
+    "RewardModel": "rlhf.models.reward_model",
+    "PolicyWithValueHead": "rlhf.models.policy",
+    "create_preference_dataset": "rlhf.reward.preferences",
+    "reward_model_loss": "rlhf.reward.loss",
+    "train_reward": "rlhf.reward.train",
+    "RewardConfig": "rlhf.reward.train",
+    "ppo_step": "rlhf.rl.run",
+    "train_ppo": "rlhf.rl.run",
+    "PPORunConfig": "rlhf.rl.config",
+    "PPOTrainer": "rlhf.rl.trainer",
+    "PPOConfig": "rlhf.rl.config",
     "compute_kl_penalty": "rlhf.core",
-    "plot_reward_kl_tradeoff": "rlhf.plots",
-    "demonstrate_reward_hacking": "rlhf.hacking",
+    "plot_reward_kl_tradeoff": "rlhf.analysis.plots",
+    "demonstrate_reward_hacking": "rlhf.analysis.hacking",
 }
 
 __all__ = [
@@ -47,15 +47,22 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .analysis.hacking import demonstrate_reward_hacking
+    from .analysis.plots import plot_reward_kl_tradeoff
     from .core import compute_kl_penalty
-    from .hacking import demonstrate_reward_hacking
-    from .models import PolicyWithValueHead, RewardModel
-    from .plots import plot_reward_kl_tradeoff
-    from .ppo import PPOTrainer
-    from .ppo_config import PPOConfig
-    from .ppo_train import PPORunConfig, ppo_step, train_ppo
-    from .preferences import create_preference_dataset
-    from .reward import RewardConfig, reward_model_loss, train_reward
+    from .models.policy import PolicyWithValueHead
+    from .models.reward_model import RewardModel
+    from .reward.loss import reward_model_loss
+    from .reward.preferences import create_preference_dataset
+    from .reward.train import RewardConfig, train_reward
+    from .rl.config import PPOConfig, PPORunConfig
+    from .rl.run import ppo_step, train_ppo
+    from .rl.trainer import PPOTrainer
+
+
+def __dir__() -> list[str]:
+    """The public names too, so that `dir(rlhf)` and tab completion show them before first use."""
+    return [*sorted(__all__), "__version__"]
 
 
 def __getattr__(name: str):

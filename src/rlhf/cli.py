@@ -20,8 +20,8 @@ from functools import cache
 from pathlib import Path
 
 from .errors import ConfigError, RLHFError
-from .ppo_train import PPORunConfig
-from .reward import RewardConfig
+from .reward.train import RewardConfig
+from .rl.config import PPORunConfig
 
 EXAMPLES = """\
 examples:
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_train_reward(args) -> None:
-    from .reward import train_reward
+    from .reward.train import train_reward
 
     cfg = config_from_args(RewardConfig, args)
     result = train_reward(cfg)
@@ -223,7 +223,7 @@ def _run_demo(args) -> None:
 
 
 def _run_ppo(args) -> None:
-    from .ppo_train import train_ppo
+    from .rl.run import train_ppo
 
     cfg = config_from_args(PPORunConfig, args)
     summary = train_ppo(cfg)
@@ -239,7 +239,7 @@ def _run_ppo(args) -> None:
 
 
 def _run_plot(args) -> None:
-    from .plots import plot_run_dir
+    from .analysis.plots import plot_run_dir
 
     for path in plot_run_dir(args.run_dir):
         print(f"wrote {path}")
@@ -258,7 +258,7 @@ def _parse_kl_coefs(text: str) -> list[float]:
 
 
 def _run_sweep(args) -> None:
-    from .hacking import fit_terms, kl_sweep
+    from .analysis.sweep import fit_terms, kl_sweep
 
     coefs = _parse_kl_coefs(args.kl_coefs)
     if args.steps <= 0:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except RLHFError as exc:
-        code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (ppo_train.Interrupted)
+        code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (rl.run.Interrupted)
         label = "error: " if code == 2 else ""
         message = str(exc)
         if code == 130 and args.command != "ppo":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import InputError, input_error
+from .errors import InputError, input_error
 
 _BOM = b"\xef\xbb\xbf"
 _COMMON = ("prompt", "chosen", "rejected")

@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis.hacking import demonstrate_reward_hacking, summarise_run
+from .analysis.plots import plot_run_dir, plot_runs
 from .data import atomic_write_json, read_jsonl
-from .hacking import demonstrate_reward_hacking, summarise_run
-from .plots import plot_run_dir, plot_runs
-from .ppo_train import PPORunConfig, default_reward_model_dir, train_ppo
-from .reward import RewardConfig
+from .reward.train import RewardConfig
+from .rl.config import PPORunConfig
+from .rl.inputs import default_reward_model_dir
+from .rl.run import train_ppo
 from .task.default import BaseModelConfig, base_model_dir, base_model_info
 
 
@@ -120,7 +122,7 @@ def run_demo(
     comparison["runs"]["ppo_same_budget"] = {"kl_coef": base.kl_coef, **summarise_run(with_kl_rows)}
     timings["side_runs_s"] = time.perf_counter() - t0
 
-    from .report import write_report
+    from .analysis.report import write_report
 
     plot_runs(
         {

@@ -9,7 +9,7 @@
 - `plot_run_dir`: what `rlhf plot RUN_DIR` writes.
 
 Smoothing. Every series is drawn twice, the logged per-step values thin and translucent and a
-debiased exponential moving average on top; the `smooth` argument is explained in `plots_series`,
+debiased exponential moving average on top; the `smooth` argument is explained in `series`,
 which also reads the metrics back (its `load_history`, `ema`, `REQUIRED` and `DPI` are re-exported
 here).
 
@@ -28,23 +28,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .errors import input_error
-from .plots_series import DPI as DPI  # re-exported
-from .plots_series import REQUIRED as REQUIRED  # re-exported
-from .plots_series import (
-    History,
-    Source,
-    _draw,
-    _grid,
-    _has,
-    _load,
-    _save,
-    _series,
-    _style,
-    _weight,
-    ema,
-)
-from .plots_series import load_history as load_history  # re-exported
+from ..errors import input_error
+from .series import DPI as DPI  # re-exported
+from .series import REQUIRED as REQUIRED  # re-exported
+from .series import History, Source, _draw, _grid, _has, _load, _save, _series, _style, _weight, ema
+from .series import load_history as load_history  # re-exported
 
 DIAGNOSTICS = (
     "policy/approxkl",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import atomic_write_text, read_jsonl
+from ..data import atomic_write_text, read_jsonl
 from .hacking import WINDOW, examples_markdown
 
 

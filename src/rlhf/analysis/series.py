@@ -26,8 +26,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .data import atomic_write, read_jsonl
-from .errors import input_error
+from ..data import atomic_write, read_jsonl
+from ..errors import input_error
 
 History = Sequence[Mapping[str, Any]]
 Source = str | Path | History

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import first_eos_index
-from .errors import ConfigError
-from .models import accepts_kwarg, position_ids_from_mask
+from ..core import first_eos_index
+from ..errors import ConfigError
+from .forward import accepts_kwarg, position_ids_from_mask
 
 
 def encode_prompts(

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
+from .forward import swap_slow_gelu
 
 PAD_TOKEN = "<|pad|>"
 
@@ -127,8 +128,6 @@ def load_causal_lm(
         )
     model.eval()  # dropout off during RL (ppo-details 2); training loops call train() only when needed
     _check_causal(model, path)
-    from .models import swap_slow_gelu
-
     swap_slow_gelu(model)  # the same function in one kernel; what is saved stays gelu_new
     return model
 
@@ -183,12 +182,3 @@ def match_vocab(model: nn.Module, tokenizer, source: str | Path = "model") -> No
             f"{source}: tokenizer has {len(tokenizer)} tokens but the model has only "
             f"{n_embeddings} embeddings; the tokenizer does not belong to this model"
         )
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU a no-op (CPU bf16 is slower than fp32 for small models)."""
-    import contextlib
-
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

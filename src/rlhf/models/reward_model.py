@@ -1,16 +1,14 @@
-"""The networks: a scalar RewardModel and a policy with a value head, on any Hugging Face causal LM.
+"""`RewardModel`: a scalar reward on any Hugging Face causal LM, saved and loaded with safetensors.
 
-Shapes: B batch, T tokens, V vocabulary, H hidden size.
+Shapes: B batch, T tokens, H hidden size.
 
-Both read the hidden state of the model's final layer. A reward is read at the last real token of
-each sequence (the EOS when there is one), found from the attention mask so left and right padding
-give the same answer; position ids are rebuilt from the mask for every forward pass that is not
-`generate` (ppo-details 4 and 7).
+The reward is read from the final layer's hidden state at the last real token of each sequence (the
+EOS when there is one), found from the attention mask so left and right padding give the same
+answer (ppo-details 7).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -19,66 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import atomic_write, atomic_write_json
-from .errors import InputError
+from ..data import atomic_write, atomic_write_json
+from ..errors import InputError
+from .forward import device_of, final_hidden_states, hidden_size_of, last_token_index
+from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_CONFIG_FILE = "reward_config.json"
-VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Where the model's first parameter lives (the CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def hidden_size_of(model: nn.Module) -> int:
-    """Width of the final hidden state, whatever the config calls it."""
-    config = getattr(model, "config", None)
-    for name in ("hidden_size", "n_embd", "d_model", "dim"):
-        size = getattr(config, name, None)
-        if isinstance(size, int) and size > 0:
-            return size
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        return embeddings.embedding_dim
-    raise ValueError(f"cannot tell the hidden size of {type(model).__name__}")
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... counted over real tokens only, so left padding does not shift positions."""
-    positions = attention_mask.long().cumsum(-1) - 1  # (B, T)
-    return positions.clamp(min=0)  # (B, T)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, for left or right padding alike."""
-    T = attention_mask.shape[-1]
-    steps = torch.arange(T, device=attention_mask.device)  # (T,)
-    return (attention_mask.long() * steps).argmax(-1)  # (B,)
-
-
-def accepts_kwarg(module: nn.Module, argument: str) -> bool:
-    """Whether `module.forward` takes this keyword argument."""
-    try:
-        return argument in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def final_hidden_states(
-    lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Hidden states of the last layer (after the final norm), without computing LM logits."""
-    trunk = getattr(
-        lm, "base_model", lm
-    )  # GPT2LMHeadModel -> GPT2Model, LlamaForCausalLM -> LlamaModel
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if accepts_kwarg(trunk, "position_ids"):
-        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-    out = trunk(**kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
 
 
 class RewardModel(nn.Module):
@@ -164,8 +109,6 @@ class RewardModel(nn.Module):
         cls, directory: str | Path, trust_remote_code: bool = False, **model_kwargs
     ) -> RewardModel:
         """Load a reward model saved by `save_pretrained` (safetensors only, nothing from a hub)."""
-        from .loading import load_causal_lm, load_tokenizer, match_vocab
-
         directory = check_reward_model_dir(directory)
         head_path = directory / REWARD_HEAD_FILE
         try:
@@ -178,7 +121,7 @@ class RewardModel(nn.Module):
         base = load_causal_lm(directory, trust_remote_code=trust_remote_code, **model_kwargs)
         match_vocab(base, tokenizer, directory)
         model = cls(base, freeze_base=config.get("freeze_base", True), tokenizer=tokenizer)
-        head = _load_safetensors(head_path)
+        head = load_safetensors(head_path)
         if head["weight"].shape != model.reward_head.weight.shape:
             raise InputError(
                 f"{head_path}: head shape {tuple(head['weight'].shape)} does not match the base "
@@ -192,7 +135,7 @@ class RewardModel(nn.Module):
         return model
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:  # a damaged file: say which, not the reader's traceback
@@ -201,8 +144,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def check_reward_model_dir(directory: str | Path) -> Path:
     """The folder as a Path if it holds a reward model saved by `RewardModel.save_pretrained`."""
-    from .loading import check_model_dir
-
     directory = check_model_dir(directory)
     if not (directory / REWARD_HEAD_FILE).is_file():
         raise InputError(
@@ -210,94 +151,3 @@ def check_reward_model_dir(directory: str | Path) -> Path:
             "train one with `rlhf train-reward`"
         )
     return directory
-
-
-def swap_slow_gelu(model: nn.Module) -> int:
-    """Replace transformers' `gelu_new` modules with torch's one-kernel tanh GELU; returns how many.
-
-    GPT-2's `gelu_new` runs as separate pow, mul, add and tanh kernels; `nn.GELU("tanh")` is the
-    same function (within 3e-7 in float32) in one kernel, about 10% of a PPO step on the default
-    model (benchmarks/README.md). Saved weights and configs are unchanged.
-    """
-    try:
-        from transformers.activations import NewGELUActivation
-    except ImportError:  # pragma: no cover - an older or newer transformers without it
-        return 0
-    swapped = 0
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(parent, name, nn.GELU(approximate="tanh"))
-                swapped += 1
-    return swapped
-
-
-class PolicyWithValueHead(nn.Module):
-    """A causal LM (the policy) sharing its trunk with a scalar value head.
-
-    The value head starts at zero (ppo-details 15) so the first advantages are the raw returns.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-        self.value_head = nn.Linear(hidden_size_of(lm), 1, device=device_of(lm))
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and values (B, T) for every position.
-
-        With `logits_to_keep=K > 0` the logits cover only the last K positions, (B, K, V), where
-        the model supports it (transformers' `logits_to_keep`): the LM head skips the prompt.
-        """
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if accepts_kwarg(self.lm, "position_ids"):
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        if logits_to_keep and accepts_kwarg(self.lm, "logits_to_keep"):
-            kwargs["logits_to_keep"] = logits_to_keep
-        out = self.lm(**kwargs, output_hidden_states=True)
-        hidden = out.hidden_states[-1]  # (B, T, H)
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
-        logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
-        return logits, values
-
-    def save_value_head(self, directory: str | Path) -> None:
-        tensors = {
-            "weight": self.value_head.weight.detach().float().contiguous().cpu(),
-            "bias": self.value_head.bias.detach().float().contiguous().cpu(),
-        }
-        with atomic_write(Path(directory) / VALUE_HEAD_FILE) as tmp:
-            save_file(tensors, str(tmp))
-
-    def load_value_head(self, directory: str | Path) -> None:
-        """Read the value head written by `save_value_head` (safetensors) into this policy."""
-        path = Path(directory) / VALUE_HEAD_FILE
-        if not path.is_file():
-            raise InputError(
-                f"{path}: no value head here (written by `rlhf ppo` beside the policy)"
-            )
-        tensors = _load_safetensors(path)
-        if tensors["weight"].shape != self.value_head.weight.shape:
-            raise InputError(
-                f"{path}: value head shape {tuple(tensors['weight'].shape)} does not match the "
-                f"model's hidden size {self.value_head.in_features}"
-            )
-        with torch.no_grad():
-            self.value_head.weight.copy_(tensors["weight"])
-            self.value_head.bias.copy_(tensors["bias"])
-
-
-def load_policy(directory: str | Path, trust_remote_code: bool = False) -> PolicyWithValueHead:
-    """A policy saved by `rlhf ppo` (its `policy/` folder): the causal LM with its value head.
-
-    The LM alone loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer beside it with
-    `AutoTokenizer.from_pretrained` (or `rlhf.loading.load_tokenizer`).
-    """
-    from .loading import load_causal_lm
-
-    policy = PolicyWithValueHead(load_causal_lm(directory, trust_remote_code=trust_remote_code))
-    policy.load_value_head(directory)
-    return policy

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import PreferencePair
+from ..data import PreferencePair
 
 
 def _default_task(cache_dir=None, progress=True):
-    from .loading import load_causal_lm, load_tokenizer
-    from .task.default import base_model_dir
+    from ..models.loading import load_causal_lm, load_tokenizer
+    from ..task.default import base_model_dir
 
     directory = base_model_dir(cache_dir=cache_dir, progress=progress)
     return load_causal_lm(directory), load_tokenizer(directory), directory
@@ -46,10 +46,10 @@ def create_preference_dataset(
     plus the judge's scores `gold_A` and `gold_B` (which readers ignore) for evaluation.
     `label_temperature=0` labels deterministically (ties go to A).
     """
-    from .generation import sample_texts
-    from .models import device_of
-    from .task import corpus
-    from .task.gold import GoldJudge
+    from ..models.forward import device_of
+    from ..models.generation import sample_texts
+    from ..task import corpus
+    from ..task.gold import GoldJudge
 
     if model is None or tokenizer is None:
         model, tokenizer, _ = _default_task(cache_dir, progress)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .errors import InputError
+from ..errors import InputError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 

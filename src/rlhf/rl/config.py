@@ -1,7 +1,7 @@
 """PPO's configuration and KL controllers: `PPOConfig` (hyper-parameters, validated up front),
 `FixedKLController` and `AdaptiveKLController` (the KL coefficient beta, fixed or adapted).
 
-`rlhf.ppo` imports and re-exports all of them; `PPOTrainer` there is what uses them.
+`PPORunConfig` adds the inputs and outputs of `rlhf ppo` (`run.train_ppo`).
 Item numbers ("ppo-details 19") refer to docs/ppo-details.md.
 """
 
@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 KLEstimatorChoice = Literal["k1", "k2", "k3", "exact"]
 
@@ -143,3 +143,51 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_samples: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_samples / self.horizon
+
+
+@dataclass
+class PPORunConfig(PPOConfig):
+    """Options of `rlhf ppo`: the PPO hyper-parameters plus inputs and outputs."""
+
+    out: str = "runs/ppo"
+    """output folder: metrics.jsonl, samples.jsonl, config.json, tensorboard/, policy/"""
+    model: str | None = None
+    """Hugging Face folder of the policy to start from (the SFT model); default: the built-in base model"""
+    ref_model: str | None = None
+    """frozen reference model folder; default: the same weights as --model"""
+    reward_model: str | None = None
+    """reward model folder from `rlhf train-reward`; default: the built-in task's (trained on first use)"""
+    prompts: str | None = None
+    """prompt file (.jsonl with a "prompt" field, or plain text, one per line); default: the built-in review openings"""
+    max_prompt_tokens: int = 128
+    """prompts longer than this keep their last tokens (with one warning)"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template as a user turn (the tokenizer must have one)"""
+    sample_every: int = 10
+    """write example responses to samples.jsonl every this many steps"""
+    gold: bool | None = None
+    """score responses with the built-in gold judge (default: on with the built-in prompts only)"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    cache_dir: str | None = None
+    """cache for the built-in base and reward models"""
+    trust_remote_code: bool = False
+    """allow model folders to run their own Python code (only for models you trust)"""
+    save_every: int = 50
+    """write a checkpoint every this many steps (0: only on Ctrl-C)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    resume: bool = False
+    """continue the run in --out from its last checkpoint"""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("sample_every", "max_prompt_tokens", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
+        if self.save_every < 0:
+            raise ConfigError(
+                f"--save-every must be >= 0 (0: only on Ctrl-C), got {self.save_every}"
+            )

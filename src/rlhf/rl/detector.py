@@ -1,8 +1,7 @@
 """Live reward-hacking detection during PPO: `HackingDetector` watches each step's metrics.
 
-`train_ppo` (in `ppo_train`, which re-exports it) feeds it every step and prints its one warning;
-its state is saved in checkpoints. The after-the-fact experiments (KL sweeps, gold vs proxy) are in
-`hacking`.
+`train_ppo` (in `run`) feeds it every step and prints its one warning; its state is saved in
+checkpoints. The after-the-fact experiments (KL sweeps, gold vs proxy) are in `rlhf.analysis`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `load_run_inputs` checks and loads what `rlhf ppo` was given (or the built-in task's defaults);
 `default_reward_model_dir` trains the built-in task's reward model on first use and caches it.
-`ppo_train`, which runs the training loop on these inputs, re-exports both.
+`run.train_ppo` runs the training loop on these inputs.
 """
 
 from __future__ import annotations
@@ -11,14 +11,11 @@ import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .data import read_prompts
-from .errors import ConfigError
-from .models import RewardModel
-
-if TYPE_CHECKING:
-    from .ppo_train import PPORunConfig
+from ..data import read_prompts
+from ..errors import ConfigError
+from ..models.reward_model import RewardModel
+from .config import PPORunConfig
 
 
 def default_reward_model_dir(
@@ -29,8 +26,8 @@ def default_reward_model_dir(
     `base_cfg` (a `BaseModelConfig`) picks the base model it starts from; `reward_cfg` (a
     `RewardConfig`) its training options. The cache key covers both.
     """
-    from .reward import RewardConfig, train_reward
-    from .task.default import BaseModelConfig, base_model_dir, cache_key, default_cache_dir
+    from ..reward.train import RewardConfig, train_reward
+    from ..task.default import BaseModelConfig, base_model_dir, cache_key, default_cache_dir
 
     base_cfg = base_cfg or BaseModelConfig()
     reward_cfg = reward_cfg or RewardConfig()
@@ -67,9 +64,15 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
     the tokenizer's chat template.
     """
-    from .generation import apply_chat_template, truncate_prompts
-    from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab, pick_device
-    from .models import check_reward_model_dir
+    from ..models.generation import apply_chat_template, truncate_prompts
+    from ..models.loading import (
+        check_model_dir,
+        load_causal_lm,
+        load_tokenizer,
+        match_vocab,
+        pick_device,
+    )
+    from ..models.reward_model import check_reward_model_dir
 
     # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
     device = pick_device(cfg.device)
@@ -84,13 +87,13 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     if cfg.reward_model:
         check_reward_model_dir(cfg.reward_model)
     if prompts is None:
-        from .task import corpus
+        from ..task import corpus
 
         prompts = corpus.prompts(4096, seed=cfg.seed, split="train")
     if cfg.model:
         policy_dir = Path(cfg.model)
     else:
-        from .task.default import base_model_dir
+        from ..task.default import base_model_dir
 
         policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)

@@ -1,8 +1,8 @@
 """`rlhf ppo`: load the models and prompts, run `PPOTrainer` for N steps, log, sample and save.
 
 Also the seed's one-call form, `ppo_step(policy_model, reward_model, ref_model, prompts)`.
-Loading the inputs is in `ppo_inputs` and live hacking detection in `hacking_detector`; their
-public names are re-exported here.
+Loading the inputs is in `inputs`, live hacking detection in `detector`, checkpoints in
+`checkpoint`.
 """
 
 from __future__ import annotations
@@ -14,68 +14,19 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
+from ..errors import ConfigError, RLHFError
+from ..models.reward_model import RewardModel
+from ..tracking import RunLogger, progress_bar, save_config, set_seed
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
-from .data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
-from .errors import ConfigError, RLHFError
-from .hacking_detector import HackingDetector
-from .models import RewardModel
-from .ppo import NonFiniteError, PPOConfig, PPOTrainer
-from .ppo_inputs import default_reward_model_dir as default_reward_model_dir  # re-exported
-from .ppo_inputs import load_run_inputs
-from .tracking import RunLogger, progress_bar, save_config, set_seed
-
-
-@dataclass
-class PPORunConfig(PPOConfig):
-    """Options of `rlhf ppo`: the PPO hyper-parameters plus inputs and outputs."""
-
-    out: str = "runs/ppo"
-    """output folder: metrics.jsonl, samples.jsonl, config.json, tensorboard/, policy/"""
-    model: str | None = None
-    """Hugging Face folder of the policy to start from (the SFT model); default: the built-in base model"""
-    ref_model: str | None = None
-    """frozen reference model folder; default: the same weights as --model"""
-    reward_model: str | None = None
-    """reward model folder from `rlhf train-reward`; default: the built-in task's (trained on first use)"""
-    prompts: str | None = None
-    """prompt file (.jsonl with a "prompt" field, or plain text, one per line); default: the built-in review openings"""
-    max_prompt_tokens: int = 128
-    """prompts longer than this keep their last tokens (with one warning)"""
-    chat_template: bool = False
-    """wrap each prompt in the tokenizer's chat template as a user turn (the tokenizer must have one)"""
-    sample_every: int = 10
-    """write example responses to samples.jsonl every this many steps"""
-    gold: bool | None = None
-    """score responses with the built-in gold judge (default: on with the built-in prompts only)"""
-    device: str = "auto"
-    """auto, cpu or cuda"""
-    cache_dir: str | None = None
-    """cache for the built-in base and reward models"""
-    trust_remote_code: bool = False
-    """allow model folders to run their own Python code (only for models you trust)"""
-    save_every: int = 50
-    """write a checkpoint every this many steps (0: only on Ctrl-C)"""
-    keep_checkpoints: int = 2
-    """how many of the newest checkpoints to keep"""
-    resume: bool = False
-    """continue the run in --out from its last checkpoint"""
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("sample_every", "max_prompt_tokens", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
-                )
-        if self.save_every < 0:
-            raise ConfigError(
-                f"--save-every must be >= 0 (0: only on Ctrl-C), got {self.save_every}"
-            )
+from .config import PPOConfig, PPORunConfig
+from .detector import HackingDetector
+from .inputs import load_run_inputs
+from .trainer import NonFiniteError, PPOTrainer
 
 
 class PromptStream:
@@ -149,7 +100,7 @@ def train_ppo(
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Run PPO and save everything to `cfg.out`; returns the last step's metrics and paths."""
-    from .task.gold import GoldJudge
+    from ..task.gold import GoldJudge
 
     cfg.validate()
     out = Path(cfg.out)

@@ -7,7 +7,7 @@ One PPO step is a row of named phases:
     rollout -> forward passes (policy, value, reference) -> score -> kl_penalised_rewards
     -> gae -> whiten -> ppo_epochs
 Item numbers in comments refer to ../shared/reference/ppo-details.md (in the repository's docs).
-`PPOConfig` and the KL controllers live in `ppo_config` and are re-exported here.
+`PPOConfig` and the KL controllers live in `config`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .core import (
+from ..core import (
     compute_gae,
     compute_kl_penalty,
     entropy_from_logprobs,
@@ -31,36 +31,17 @@ from .core import (
     response_mask_from_eos,
     value_loss,
 )
-from .errors import ConfigError, RLHFError
-from .generation import decode_responses, encode_prompts, sample_responses
-from .models import (
-    PolicyWithValueHead,
-    RewardModel,
+from ..errors import ConfigError, RLHFError
+from ..models.forward import (
     accepts_kwarg,
     device_of,
-    final_hidden_states,
     position_ids_from_mask,
     swap_slow_gelu,
 )
-from .ppo_config import AdaptiveKLController, FixedKLController, PPOConfig
-from .ppo_config import KLEstimatorChoice as KLEstimatorChoice  # re-exported
-
-
-class ValueModel(nn.Module):
-    """A separate value network: a copy of the reward model's trunk and head, read at every token."""
-
-    def __init__(self, reward_model: RewardModel):
-        super().__init__()
-        import copy
-
-        self.lm = copy.deepcopy(reward_model.base_model)
-        self.value_head = copy.deepcopy(reward_model.reward_head)
-        for p in self.parameters():
-            p.requires_grad_(True)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = final_hidden_states(self.lm, input_ids, attention_mask)  # (B, T, H)
-        return self.value_head(hidden).squeeze(-1)  # (B, T)
+from ..models.generation import decode_responses, encode_prompts, sample_responses
+from ..models.policy import PolicyWithValueHead, ValueModel
+from ..models.reward_model import RewardModel
+from .config import AdaptiveKLController, FixedKLController, PPOConfig
 
 
 @dataclass
@@ -167,7 +148,7 @@ class PPOTrainer:
 
     # ----- forward passes ------------------------------------------------------------------
     def _autocast(self):
-        from .loading import autocast
+        from ..models.forward import autocast
 
         return autocast(self.device)
 
@@ -210,7 +191,7 @@ class PPOTrainer:
     ) -> torch.Tensor:
         """Reward-model score of each sequence, read at its EOS (ppo-details 7, 10)."""
         if not self.same_tokenizer:
-            from .reward import score_texts
+            from ..reward.loss import score_texts
 
             return score_texts(self.reward_model, self.reward_tokenizer, prompts, texts).to(
                 self.device
@@ -363,7 +344,7 @@ class PPOTrainer:
 
     def step(self, prompts: list[str]) -> dict[str, float]:
         """One PPO step on these prompts; returns the step's metrics."""
-        from .text_stats import distinct_n, mean_repetition
+        from ..text_stats import distinct_n, mean_repetition
 
         start = time.perf_counter()
         beta = self.kl_ctl.value

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..data import atomic_write_json
-from ..generation import pad_right
-from ..models import swap_slow_gelu
+from ..models.forward import swap_slow_gelu
+from ..models.generation import pad_right
 from . import corpus
 from .tokenizer import train_tokenizer
 
@@ -106,7 +106,7 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
     """Generate the corpus, train the tokenizer, pretrain the GPT-2; returns (model, tokenizer, info)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ..generation import sample_texts
+    from ..models.generation import sample_texts
     from ..tracking import progress_bar
 
     start = time.perf_counter()

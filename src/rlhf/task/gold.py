@@ -41,8 +41,8 @@ from collections.abc import Sequence
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf.task import corpus
-from rlhf.text_stats import repetition_rate
+from ..text_stats import repetition_rate
+from . import corpus
 
 GOLD_VERSION = 1
 

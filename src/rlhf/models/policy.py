@@ -1,0 +1,112 @@
+"""The policy: a causal LM sharing its trunk with a scalar value head, or with a separate value
+network initialised from the reward model.
+
+Shapes: B batch, T tokens, V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..data import atomic_write
+from ..errors import InputError
+from .forward import (
+    accepts_kwarg,
+    device_of,
+    final_hidden_states,
+    hidden_size_of,
+    position_ids_from_mask,
+)
+from .loading import load_causal_lm
+from .reward_model import RewardModel, load_safetensors
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (the policy) sharing its trunk with a scalar value head.
+
+    The value head starts at zero (ppo-details 15) so the first advantages are the raw returns.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(hidden_size_of(lm), 1, device=device_of(lm))
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and values (B, T) for every position.
+
+        With `logits_to_keep=K > 0` the logits cover only the last K positions, (B, K, V), where
+        the model supports it (transformers' `logits_to_keep`): the LM head skips the prompt.
+        """
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if accepts_kwarg(self.lm, "position_ids"):
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        if logits_to_keep and accepts_kwarg(self.lm, "logits_to_keep"):
+            kwargs["logits_to_keep"] = logits_to_keep
+        out = self.lm(**kwargs, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, T, H)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
+        logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
+        return logits, values
+
+    def save_value_head(self, directory: str | Path) -> None:
+        tensors = {
+            "weight": self.value_head.weight.detach().float().contiguous().cpu(),
+            "bias": self.value_head.bias.detach().float().contiguous().cpu(),
+        }
+        with atomic_write(Path(directory) / VALUE_HEAD_FILE) as tmp:
+            save_file(tensors, str(tmp))
+
+    def load_value_head(self, directory: str | Path) -> None:
+        """Read the value head written by `save_value_head` (safetensors) into this policy."""
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.is_file():
+            raise InputError(
+                f"{path}: no value head here (written by `rlhf ppo` beside the policy)"
+            )
+        tensors = load_safetensors(path)
+        if tensors["weight"].shape != self.value_head.weight.shape:
+            raise InputError(
+                f"{path}: value head shape {tuple(tensors['weight'].shape)} does not match the "
+                f"model's hidden size {self.value_head.in_features}"
+            )
+        with torch.no_grad():
+            self.value_head.weight.copy_(tensors["weight"])
+            self.value_head.bias.copy_(tensors["bias"])
+
+
+def load_policy(directory: str | Path, trust_remote_code: bool = False) -> PolicyWithValueHead:
+    """A policy saved by `rlhf ppo` (its `policy/` folder): the causal LM with its value head.
+
+    The LM alone loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer beside it with
+    `AutoTokenizer.from_pretrained` (or `rlhf.models.load_tokenizer`).
+    """
+    policy = PolicyWithValueHead(load_causal_lm(directory, trust_remote_code=trust_remote_code))
+    policy.load_value_head(directory)
+    return policy
+
+
+class ValueModel(nn.Module):
+    """A separate value network: a copy of the reward model's trunk and head, read at every token."""
+
+    def __init__(self, reward_model: RewardModel):
+        super().__init__()
+        self.lm = copy.deepcopy(reward_model.base_model)
+        self.value_head = copy.deepcopy(reward_model.reward_head)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = final_hidden_states(self.lm, input_ids, attention_mask)  # (B, T, H)
+        return self.value_head(hidden).squeeze(-1)  # (B, T)

@@ -1,0 +1,9 @@
+"""The RL training loop.
+
+config      `PPOConfig`, `PPORunConfig`, the KL controllers
+trainer     `PPOTrainer`: rollout -> score -> KL-penalised rewards -> advantages -> PPO epochs
+inputs      loading and checking a run's prompts and models
+run         `train_ppo` (`rlhf ppo`), `ppo_step`, the prompt stream, Ctrl-C handling
+checkpoint  atomic checkpoints and exact resume
+detector    `HackingDetector`, the live reward-hacking warning
+"""

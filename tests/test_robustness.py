@@ -519,13 +519,13 @@ def test_nan_loss_changes_no_weight_and_names_the_step(tiny_tokenizer, monkeypat
     trainer = _trainer(tiny_tokenizer)
     trainer.step(PROMPTS)
     before = _snapshot(trainer)
-    original = rlhf.rl.trainer.policy_loss
+    original = rlhf.rl.trainer.policy_loss_per_token
 
     def nan_loss(*args, **kwargs):
-        loss, stats = original(*args, **kwargs)
-        return loss * float("nan"), stats
+        loss, clipped, log_ratio = original(*args, **kwargs)
+        return loss * float("nan"), clipped, log_ratio
 
-    monkeypatch.setattr(rlhf.rl.trainer, "policy_loss", nan_loss)
+    monkeypatch.setattr(rlhf.rl.trainer, "policy_loss_per_token", nan_loss)
     with pytest.raises(NonFiniteError, match=r"^step 2: the loss is not finite"):
         trainer.step(PROMPTS)
     _assert_unchanged(trainer, before)

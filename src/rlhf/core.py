@@ -178,6 +178,26 @@ def compute_gae(
 # ---------------------------------------------------------------------------------------------
 
 
+def policy_loss_per_token(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate per token: (B, R) x4 -> (loss, clipped, log_ratio), each (B, R).
+
+    loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), 0 at masked positions; `clipped`
+    is 1.0 where the clipped term is the larger; `log_ratio` = logp - old_logp, 0 where masked.
+    How the tokens are averaged is the caller's choice (`policy_loss` takes the masked mean).
+    """
+    # Zero the log-ratio at padding first, so exp never sees garbage there (no inf, no nan grads).
+    log_ratio = _zero_masked(logprobs - old_logprobs, mask)  # (B, R)
+    advantages = _zero_masked(advantages, mask)  # (B, R)
+    ratio = log_ratio.exp()  # (B, R)
+    unclipped = -advantages * ratio  # (B, R)
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # (B, R)
+    loss = _zero_masked(torch.maximum(unclipped, clipped), mask)  # (B, R)
+    was_clipped = _zero_masked((clipped > unclipped).to(ratio.dtype), mask)  # (B, R)
+    return loss, was_clipped.detach(), log_ratio
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -191,20 +211,33 @@ def policy_loss(
     `clipfrac` (fraction of tokens where the clipped term wins), `approxkl`
     (0.5 * mean (logp - old_logp)^2) and `ratio` (mean ratio).
     """
-    # Zero the log-ratio at padding first, so exp never sees garbage there (no inf, no nan grads).
-    log_ratio = _zero_masked(logprobs - old_logprobs, mask)  # (B, R)
-    advantages = _zero_masked(advantages, mask)  # (B, R)
-    ratio = log_ratio.exp()  # (B, R)
-    unclipped = -advantages * ratio  # (B, R)
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # (B, R)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss, clipped, log_ratio = policy_loss_per_token(
+        logprobs, old_logprobs, advantages, mask, clip_eps
+    )  # (B, R) x3
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "clipfrac": masked_mean(clipped, mask),
             "approxkl": 0.5 * masked_mean(log_ratio.pow(2), mask),
-            "ratio": masked_mean(ratio, mask),
+            "ratio": masked_mean(log_ratio.exp(), mask),
         }
-    return loss, stats
+    return masked_mean(loss, mask), stats
+
+
+def value_loss_per_token(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Clipped value loss per token: (B, R) x4 -> (loss, clipped), each (B, R), 0 where masked.
+
+    loss = 0.5 * max((V - R)^2, (V_clipped - R)^2) with V_clipped = old_V + clamp(V - old_V, -eps,
+    eps); `clipped` is 1.0 where the clipped term is the larger.
+    """
+    values, old_values, returns = (_zero_masked(t, mask) for t in (values, old_values, returns))
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)  # (B, R)
+    unclipped_err = (values - returns).pow(2)  # (B, R)
+    clipped_err = (clipped_values - returns).pow(2)  # (B, R)
+    loss = 0.5 * _zero_masked(torch.maximum(unclipped_err, clipped_err), mask)  # (B, R)
+    was_clipped = _zero_masked((clipped_err > unclipped_err).to(values.dtype), mask)  # (B, R)
+    return loss, was_clipped.detach()
 
 
 def value_loss(
@@ -219,14 +252,8 @@ def value_loss(
     V_clipped = old_V + clamp(V - old_V, -eps, eps). Stat `vf_clipfrac`: fraction of tokens where
     the clipped term wins.
     """
-    values, old_values, returns = (_zero_masked(t, mask) for t in (values, old_values, returns))
-    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)  # (B, R)
-    unclipped_err = (values - returns).pow(2)  # (B, R)
-    clipped_err = (clipped_values - returns).pow(2)  # (B, R)
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
-    with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((clipped_err > unclipped_err).to(values.dtype), mask)}
-    return loss, stats
+    loss, clipped = value_loss_per_token(values, old_values, returns, mask, clip_eps)  # (B, R) x2
+    return masked_mean(loss, mask), {"vf_clipfrac": masked_mean(clipped, mask)}
 
 
 def bradley_terry_loss(

@@ -47,21 +47,49 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * steps).argmax(-1)  # (B,)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The Hugging Face model inside the wrappers that hide its signature behind `**kwargs`.
+
+    PEFT's `PeftModel` (its `get_base_model()` is the model with the adapter layers injected, so
+    calling it still applies the adapters) and torch's DDP (`.module`) pass every keyword through.
+    """
+    for _ in range(4):  # a DDP-wrapped PEFT model is two levels deep
+        if hasattr(module, "get_base_model"):
+            module = module.get_base_model()
+        elif type(module).__name__ == "DistributedDataParallel":
+            module = module.module
+        else:
+            break
+    return module
+
+
 def accepts_kwarg(module: nn.Module, argument: str) -> bool:
-    """Whether `module.forward` takes this keyword argument."""
+    """Whether `module.forward` takes this keyword argument by name.
+
+    Wrappers whose forward takes `**kwargs` and passes it on (PEFT, DDP) are looked through:
+    otherwise `position_ids` would be dropped for a PEFT policy and left padding would shift
+    positions (ppo-details 4).
+    """
     try:
-        return argument in inspect.signature(module.forward).parameters
+        return argument in inspect.signature(unwrap(module).forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def trunk_of(lm: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM, without its LM head (GPT2LMHeadModel -> GPT2Model).
+
+    Adapters injected by PEFT live inside the body's layers, so calling the body applies them.
+    """
+    model = unwrap(lm)
+    return getattr(model, "base_model", model)
 
 
 def final_hidden_states(
     lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Hidden states of the last layer (after the final norm), without computing LM logits."""
-    trunk = getattr(
-        lm, "base_model", lm
-    )  # GPT2LMHeadModel -> GPT2Model, LlamaForCausalLM -> LlamaModel
+    trunk = trunk_of(lm)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if accepts_kwarg(trunk, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
@@ -89,9 +117,52 @@ def swap_slow_gelu(model: nn.Module) -> int:
     return swapped
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU a no-op (CPU bf16 is slower than fp32 for small models)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+
+def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The dtype matrix products run in: bf16 on a CUDA device that has it (`auto`), else float32.
+
+    On the CPU `auto` is float32: CPU bf16 is slower than float32 for small models.
+    """
+    if requested == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return DTYPES[requested]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to `dtype` (default: `compute_dtype(device)`); a no-op for float32."""
+    dtype = dtype or compute_dtype(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the parameters that are not trained (and floating buffers) in `dtype`.
+
+    Frozen weights (the reference, the reward model, a LoRA policy's base) only run forward passes,
+    so they are kept in the compute dtype (half the memory under bf16); trained parameters stay
+    float32, the master copy the optimizer updates.
+    """
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout probability 0 everywhere, so the model computes the same in train() as in eval().
+
+    RL needs dropout off (ppo-details 2); setting the probabilities to 0 (TRL does the same for
+    nn.Dropout) lets a model run in train mode, which transformers' gradient checkpointing
+    requires. Attention modules that read a float `attention_dropout` or `dropout` are zeroed too.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model

@@ -9,6 +9,8 @@ A hand-written loop instead of `generate`: it samples from exactly `softmax(logi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -104,17 +106,22 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row of probs (B, V) by inverting the CDF with one uniform draw per row.
 
     `torch.multinomial` draws a random number for every entry of the vocabulary; one per row is
     enough. The cumulative sum runs in float64 so that large vocabularies keep their tails, and the
-    draw is scaled by the row's total so a zero-probability token can never be picked.
+    draw is scaled by the row's total so a zero-probability token can never be picked. `u` (B,)
+    supplies the draws; otherwise they come from `generator`.
     """
     cdf = probs.double().cumsum(-1)  # (B, V)
-    u = torch.rand(
-        (probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64
-    )  # (B, 1)
+    if u is None:
+        u = torch.rand(
+            probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64
+        )
+    u = u.to(device=probs.device, dtype=torch.float64).unsqueeze(-1)  # (B, 1)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
     return token.clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
 
@@ -131,8 +138,18 @@ def sample_responses(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> torch.Tensor:
-    """Sample continuations; returns response ids (B, R), pad after each row's first EOS."""
+    """Sample continuations; returns response ids (B, R), pad after each row's first EOS.
+
+    `uniforms` (B, max_new_tokens), if given, holds the random draw for each row and position, so a
+    row's sample does not depend on which other rows share its batch, how the batch is chunked or
+    over how many processes it is spread (the draws are made for the whole global batch up front).
+    `all_done(local_done)` decides when to stop; a sharded model (FSDP) passes one that agrees
+    across processes, so that every process keeps running forward passes, and the all-gathers
+    inside them, until the last process is done.
+    """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.clone()  # (B, P)
@@ -147,16 +164,20 @@ def sample_responses(
     next_position = mask.sum(-1, keepdim=True)  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     tokens = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()  # (B, V)
         if temperature != 1.0:
             logits = logits / temperature
         logits = _filter_logits(logits, top_k, top_p)
-        token = _sample(logits.softmax(-1), generator)  # (B,)
+        u = uniforms[:, t] if uniforms is not None else None  # (B,)
+        token = _sample(logits.softmax(-1), generator, u)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)  # (B,)
         tokens.append(token)
         done = done | (token == eos_token_id)
-        if bool(done.all()):
+        local_done = bool(done.all())
+        if (
+            all_done(local_done) if all_done is not None else local_done
+        ) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         out = lm(

@@ -68,6 +68,14 @@ class PPOConfig:
     """whiten per-token rewards before GAE (off by default, ppo-details 16)"""
     missing_eos_penalty: float | None = None
     """replace the score of responses that never emit EOS with this value (lm-human-preferences used -1)"""
+    micro_batch_size: int = 0
+    """sequences per forward and backward pass inside a minibatch, the gradients accumulated (0: the whole minibatch); the update does not depend on it"""
+    rollout_batch_size: int = 0
+    """sequences per generation and scoring pass (0: the whole batch at once); bounds the rollout's memory; results do not depend on it"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """compute dtype; frozen weights (reference, reward model, a LoRA policy's base) are stored in it. auto: bfloat16 on a CUDA GPU that has it, else float32"""
     value_model: Literal["shared", "reward"] = "shared"
     """value head on the policy's trunk, or a separate value network initialised from the reward model"""
     seed: int = 0
@@ -98,7 +106,17 @@ class PPOConfig:
             raise ConfigError("--gamma and --lam must be between 0 and 1")
         if self.kl_horizon <= 0:
             raise ConfigError(f"--kl-horizon must be positive, got {self.kl_horizon}")
-        for name in ("kl_estimator", "kl_in", "lr_schedule", "value_model"):
+        for name in ("micro_batch_size", "rollout_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be >= 0 (0: all at once), got {getattr(self, name)}"
+                )
+        if self.micro_batch_size > self.minibatch_size:
+            raise ConfigError(
+                f"--micro-batch-size {self.micro_batch_size} is larger than --minibatch-size "
+                f"{self.minibatch_size}; it splits a minibatch, so it must be at most that"
+            )
+        for name in ("kl_estimator", "kl_in", "lr_schedule", "value_model", "dtype"):
             choices = typing.get_args(typing.get_type_hints(PPOConfig)[name])
             if getattr(self, name) not in choices:
                 raise ConfigError(

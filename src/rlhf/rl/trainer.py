@@ -1,19 +1,20 @@
 """PPO against a reward model with a KL penalty to a frozen reference (the seed's task 3).
 
-Shapes: B rollout batch, M minibatch, P prompt tokens (left-padded), R response tokens
-(right-padded after EOS), V vocabulary.
+Shapes: B rollout batch (global), M minibatch, m micro-batch, P prompt tokens (left-padded), R
+response tokens (right-padded after EOS), V vocabulary.
 
 One PPO step is a row of named phases:
-    rollout -> forward passes (policy, value, reference) -> score -> kl_penalised_rewards
-    -> gae -> whiten -> ppo_epochs
+    rollout (generate, forward passes, score; in chunks, on this process's rows) -> gather
+    -> kl_penalised_rewards -> gae -> whiten -> ppo_epochs (minibatches of micro-batches)
+Every statistic after the gather is computed on the whole global batch, so neither the number of
+processes nor the chunk and micro-batch sizes change what the algorithm computes (`distributed`).
 Item numbers in comments refer to ../shared/reference/ppo-details.md (in the repository's docs).
-`PPOConfig` and the KL controllers live in `config`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,14 +28,18 @@ from ..core import (
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
-    policy_loss,
+    policy_loss_per_token,
     response_mask_from_eos,
-    value_loss,
+    value_loss_per_token,
 )
 from ..errors import ConfigError, RLHFError
 from ..models.forward import (
     accepts_kwarg,
+    autocast,
+    cast_frozen,
+    compute_dtype,
     device_of,
+    disable_dropout,
     position_ids_from_mask,
     swap_slow_gelu,
 )
@@ -42,59 +47,54 @@ from ..models.generation import decode_responses, encode_prompts, sample_respons
 from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
 from .config import AdaptiveKLController, FixedKLController, PPOConfig
+from .distributed import World
+from .rollout import Rollout, gather, join
 
 
-@dataclass
-class Rollout:
-    """One batch of sampled responses and everything PPO computes from it (all detached)."""
-
-    query_response: torch.Tensor  # (B, P+R) prompt then response token ids
-    attention_mask: torch.Tensor  # (B, P+R) 1 on real prompt tokens and response tokens up to EOS
-    response_mask: torch.Tensor  # (B, R) float, 1 up to and including the first EOS
-    logprobs: torch.Tensor  # (B, R)
-    ref_logprobs: torch.Tensor  # (B, R)
-    values: torch.Tensor  # (B, R)
-    scores: torch.Tensor  # (B,) reward-model score (after any missing-EOS penalty)
-    kl: torch.Tensor  # (B, R) per-token KL estimate, 0 after EOS
-    rewards: torch.Tensor  # (B, R)
-    advantages: torch.Tensor  # (B, R) whitened
-    returns: torch.Tensor  # (B, R)
-    prompts: list[str]
-    texts: list[str]
-    ended: list[bool]
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _freeze(model: nn.Module) -> nn.Module:
+def _freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     model.eval()  # dropout off (ppo-details 2)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return cast_frozen(model, dtype)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
 
 class PPOTrainer:
     """Holds the models, the optimizer, the KL controller and the config; `step(prompts)` runs PPO.
 
     `policy` is a Hugging Face causal LM (wrapped with a zero-initialised value head) or a
-    `PolicyWithValueHead`; `ref_model` is the frozen reference (the SFT model); `reward_model` is a
-    `RewardModel`. `reward_tokenizer` is needed only when it differs from `tokenizer`.
+    `PolicyWithValueHead`; `ref_model` is the frozen reference (the SFT model), or None when the
+    policy is a PEFT (LoRA) model, whose reference is then itself with its adapters disabled;
+    `reward_model` is a `RewardModel`. `reward_tokenizer` is needed only when it differs from
+    `tokenizer`. `world` is the set of processes (`distributed`); one process by default.
     """
 
     def __init__(
         self,
         policy: nn.Module,
-        ref_model: nn.Module,
+        ref_model: nn.Module | None,
         reward_model: RewardModel,
         tokenizer,
         config: PPOConfig | None = None,
         reward_tokenizer=None,
         gold_judge=None,
+        world: World | None = None,
     ):
         self.config = config or PPOConfig()
         self.config.validate()
         cfg = self.config
+        self.world = world or World()
         lm = policy.lm if isinstance(policy, PolicyWithValueHead) else policy
-        if ref_model is lm or getattr(reward_model, "base_model", None) is lm:
+        if ref_model is None and not is_peft(lm):
+            raise ConfigError(
+                "ref_model is None but the policy has no LoRA adapters to switch off; pass the "
+                "reference (a frozen copy of the starting policy, e.g. copy.deepcopy(policy))"
+            )
+        shares_base = getattr(reward_model, "adapter_name", None) is not None
+        if ref_model is lm or (getattr(reward_model, "base_model", None) is lm and not shares_base):
             raise ConfigError(
                 "the reference and reward models must be separate copies of the policy "
                 "(for example copy.deepcopy(policy)); they are frozen, the policy is trained"
@@ -104,8 +104,11 @@ class PPOTrainer:
         )
         self.policy.eval()  # dropout off in the policy too; eval() does not stop gradients
         self.device = device_of(self.policy)
-        self.ref_model = _freeze(ref_model)
-        self.reward_model = _freeze(reward_model)
+        self.dtype = compute_dtype(self.device, cfg.dtype)
+        self.ref_model = _freeze(ref_model, self.dtype) if ref_model is not None else None
+        self.reward_model = reward_model if shares_base else _freeze(reward_model, self.dtype)
+        if is_peft(self.policy.lm):
+            cast_frozen(self.policy.lm, self.dtype)  # the base weights; the adapters stay float32
         self.tokenizer = tokenizer
         self.reward_tokenizer = (
             reward_tokenizer or getattr(reward_model, "tokenizer", None) or tokenizer
@@ -124,6 +127,15 @@ class PPOTrainer:
         for model in (self.policy, self.ref_model, self.reward_model, self.value_model):
             if model is not None:
                 swap_slow_gelu(model)
+        if cfg.gradient_checkpointing:
+            # transformers checkpoints only in train mode; with every dropout probability at 0,
+            # train mode computes exactly what eval mode does (ppo-details 2).
+            for model in (self.policy.lm, self.value_model and self.value_model.lm):
+                if model is not None:
+                    disable_dropout(model)
+                    model.gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False}
+                    )
         # eps 1e-5 as in lm-human-preferences' Adam. The fused kernel updates every tensor in one
         # pass (the default of transformers' Trainer too); it needs floating-point CPU/CUDA params.
         fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
@@ -142,15 +154,22 @@ class PPOTrainer:
             if cfg.adaptive_kl
             else FixedKLController(cfg.kl_coef)
         )
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # Sampling draws come from a CPU generator for the whole global batch (the same numbers on
+        # any device and at any world size); minibatch order from a second one.
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.step_count = 0
 
     # ----- forward passes ------------------------------------------------------------------
     def _autocast(self):
-        from ..models.forward import autocast
+        return autocast(self.device, self.dtype)
 
-        return autocast(self.device)
+    def _train_mode(self, on: bool) -> None:
+        """train() only matters for gradient checkpointing; dropout is 0 either way then."""
+        if self.config.gradient_checkpointing:
+            self.policy.train(on)
+            if self.value_model is not None:
+                self.value_model.train(on)
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 logits divided by the sampling temperature (ppo-details 1)."""
@@ -169,14 +188,19 @@ class PPOTrainer:
         # The logits at position P-1+t predict response token t; the value there is V(s_t).
         return self._scaled(logits[:, :-1]), values[:, P - 1 : -1].float()  # (B, R, V), (B, R)
 
+    def _reference(self) -> tuple[nn.Module, contextlib.AbstractContextManager]:
+        """The reference model, and the context it runs in (adapters off for a LoRA policy)."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        return self.policy.lm, self.policy.lm.disable_adapter()
+
     @torch.no_grad()
     def _ref_logits(self, ids, mask, P: int) -> torch.Tensor:
         R = ids.shape[1] - P
-        kwargs = (
-            {"logits_to_keep": R + 1} if accepts_kwarg(self.ref_model, "logits_to_keep") else {}
-        )
-        with self._autocast():
-            logits = self.ref_model(
+        model, context = self._reference()
+        kwargs = {"logits_to_keep": R + 1} if accepts_kwarg(model, "logits_to_keep") else {}
+        with self._autocast(), context:
+            logits = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids_from_mask(mask),
@@ -212,9 +236,37 @@ class PPOTrainer:
         with self._autocast():
             return self.reward_model(ids, mask).float()  # (B,)
 
-    # ----- phases 1-6: rollout to advantages --------------------------------------------
+    # ----- phases 1-4: rollout, gather, rewards and advantages ------------------------------
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> Rollout:
+        """Sample responses to the global batch `prompts`, score them, and compute advantages.
+
+        Each process samples and scores its share of the rows, in chunks of
+        --rollout-batch-size; the shares are gathered, and the rewards and advantages are computed
+        on the whole batch. The sampling draws for all rows come from one generator up front, so
+        a row's response depends only on the seed, the step and its position in the batch.
+        """
+        cfg, world = self.config, self.world
+        B = len(prompts)
+        if B % world.size:
+            raise ConfigError(
+                f"the batch of {B} prompts does not split over {world.size} processes"
+            )
+        uniforms = torch.rand(
+            (B, cfg.response_tokens), generator=self.generator, dtype=torch.float64
+        )  # (B, R)
+        mine = world.shard(B)
+        local, local_u = list(prompts)[mine], uniforms[mine]
+        chunk = cfg.rollout_batch_size or len(local)
+        pieces = [
+            self._rollout_chunk(local[s : s + chunk], local_u[s : s + chunk])
+            for s in range(0, len(local), chunk)
+        ]
+        b = gather(join(pieces, self.tokenizer.pad_token_id), world, self.tokenizer.pad_token_id)
+        self.compute_advantages(b)
+        return b
+
+    def _rollout_chunk(self, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
         cfg, tok = self.config, self.tokenizer
         timings = {}
         t0 = time.perf_counter()
@@ -223,9 +275,9 @@ class PPOTrainer:
         with self._autocast():
             response = sample_responses(
                 self.policy.lm, prompt_ids, prompt_mask, cfg.response_tokens, tok.eos_token_id,
-                tok.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, self.generator,
+                tok.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p,
+                uniforms=uniforms, all_done=self.world.all_done,
             )  # fmt: skip
-        R = response.shape[1]
         response_mask = response_mask_from_eos(response, tok.eos_token_id)  # (B, R)
         lengths = response_mask.sum(1).long()  # (B,)
         ended = (response == tok.eos_token_id).any(1)  # (B,)
@@ -241,6 +293,13 @@ class PPOTrainer:
         logprobs = logprobs_from_logits(logits, response)  # (B, R)
         ref_logits = self._ref_logits(query_response, attention_mask, P)  # (B, R, V)
         ref_logprobs = logprobs_from_logits(ref_logits, response)  # (B, R)
+        # Per-token KL, 0 after EOS (ppo-details 10); the exact one needs both full logits.
+        if cfg.kl_estimator == "exact":
+            kl = compute_kl_penalty(logits, ref_logits, response_mask)  # (B, R)
+        else:
+            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)  # (B, R)
+            kl = torch.where(response_mask.bool(), kl, torch.zeros_like(kl))  # (B, R)
+        del logits, ref_logits
         timings["time/forward_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -250,105 +309,144 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:  # ppo-details 6
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         timings["time/score_s"] = time.perf_counter() - t0
-
-        # Per-token KL penalty and the score at the last response token (ppo-details 10, 11).
-        if cfg.kl_estimator == "exact":
-            kl = compute_kl_penalty(logits, ref_logits, response_mask)  # (B, R)
-        else:
-            kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)  # (B, R)
-            kl = torch.where(response_mask.bool(), kl, torch.zeros_like(kl))  # (B, R), 0 after EOS
-        beta = self.kl_ctl.value
-        rewards = -beta * kl if cfg.kl_in == "reward" else torch.zeros_like(kl)  # (B, R)
-        rewards[torch.arange(len(prompts), device=self.device), lengths - 1] += scores
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
-        values = values * response_mask  # (B, R)
-        advantages, returns = compute_gae(
-            rewards, values, response_mask, cfg.gamma, cfg.lam
-        )  # (B, R) x2
-        advantages = masked_whiten(advantages, response_mask)  # (B, R), ppo-details 16
-        del R
         return Rollout(
-            query_response, attention_mask, response_mask, logprobs, ref_logprobs, values, scores, kl,
-            rewards, advantages, returns, list(prompts), texts, ended_list, timings,
+            query_response, attention_mask, response_mask, logprobs, ref_logprobs,
+            values * response_mask, scores, kl, list(prompts), texts, ended_list,
+            timings=timings,
         )  # fmt: skip
 
-    # ----- phase 7: PPO epochs over minibatches -------------------------------------------
-    def update(self, b: Rollout) -> dict[str, float]:
+    # ----- phases 2-4: rewards and advantages on the global batch ---------------------------
+    def compute_advantages(self, b: Rollout) -> None:
+        """Per-token rewards, GAE advantages (whitened) and returns, set on `b` in place."""
         cfg = self.config
-        B = b.query_response.shape[0]
-        P = b.query_response.shape[1] - b.response_mask.shape[1]
-        response = b.query_response[:, P:]  # (B, R)
-        totals: dict[str, float] = {}
-        n_updates = 0
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.cpu_generator).to(self.device)  # (B,)
-            for start in range(0, B, cfg.minibatch_size):
-                mb = order[start : start + cfg.minibatch_size]  # (M,)
-                mb_mask = b.response_mask[mb]  # (M, R)
-                logits, mb_values = self._policy_forward(
-                    b.query_response[mb], b.attention_mask[mb], P
-                )
-                logp_all = torch.log_softmax(logits, dim=-1)  # (M, R, V), float32
-                mb_logprobs = logp_all.gather(-1, response[mb].unsqueeze(-1)).squeeze(-1)  # (M, R)
-                pg_loss, pg_stats = policy_loss(
-                    mb_logprobs, b.logprobs[mb], b.advantages[mb], mb_mask, cfg.clip_eps
-                )
-                vf_loss, vf_stats = value_loss(
-                    mb_values, b.values[mb], b.returns[mb], mb_mask, cfg.value_clip_eps
-                )
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                if cfg.kl_in == "loss":  # ppo-details 13
-                    # Masked positions take the policy's own log-prob (KL 0) so garbage there cannot
-                    # overflow into a nan gradient.
-                    mb_ref = torch.where(
-                        mb_mask.bool(), b.ref_logprobs[mb], mb_logprobs.detach()
-                    )  # (M, R)
-                    kl_term = masked_mean(
-                        kl_estimate(mb_logprobs, mb_ref, cfg.kl_estimator), mb_mask
-                    )
-                    loss = loss + self.kl_ctl.value * kl_term
-                self._check_finite(loss, "loss")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                self._check_finite(grad_norm, "gradient norm")
-                self.optimizer.step()
-                self.scheduler.step()
-                with torch.no_grad():
-                    stats = {
-                        "loss/policy": pg_loss.item(),
-                        "loss/value": vf_loss.item(),
-                        "policy/approxkl": pg_stats["approxkl"].item(),
-                        "policy/clipfrac": pg_stats["clipfrac"].item(),
-                        "policy/ratio": pg_stats["ratio"].item(),
-                        "policy/entropy": masked_mean(
-                            entropy_from_logprobs(logp_all), mb_mask
-                        ).item(),
-                        "val/clipfrac": vf_stats["vf_clipfrac"].item(),
-                        "policy/grad_norm": grad_norm.item(),
-                    }
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                if n_updates == 0:
-                    totals["policy/first_ratio"] = pg_stats["ratio"].item()
-                n_updates += 1
-        return {k: (v if k == "policy/first_ratio" else v / n_updates) for k, v in totals.items()}
+        # The KL penalty on every token and the score at the last one (ppo-details 10, 11).
+        beta = self.kl_ctl.value
+        rewards = -beta * b.kl if cfg.kl_in == "reward" else torch.zeros_like(b.kl)  # (B, R)
+        lengths = b.response_mask.sum(1).long()  # (B,)
+        rewards[torch.arange(len(b), device=rewards.device), lengths - 1] += b.scores
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, b.response_mask, shift_mean=False)
+        advantages, returns = compute_gae(
+            rewards, b.values, b.response_mask, cfg.gamma, cfg.lam
+        )  # (B, R) x2
+        b.rewards, b.returns = rewards, returns
+        b.advantages = masked_whiten(advantages, b.response_mask)  # (B, R), ppo-details 16
 
-    def _check_finite(self, value: torch.Tensor, name: str) -> None:
-        if not torch.isfinite(value).all():
-            raise NonFiniteError(
-                f"step {self.step_count + 1}: the {name} is not finite; no weights were changed by this "
-                "minibatch (try a lower --lr, or check the reward model's scores)"
-            )
+    # ----- phase 5: PPO epochs over minibatches of micro-batches ----------------------------
+    STATS = (
+        "loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio",
+        "policy/entropy", "val/clipfrac",
+    )  # fmt: skip
 
+    def update(self, b: Rollout) -> dict[str, float]:
+        """PPO epochs on the global batch `b`; this process runs its share of each minibatch.
+
+        Every token's loss is weighted by 1 / (tokens in the global minibatch), so summing the
+        micro-batches' losses (and, across processes, their gradients) gives the minibatch's
+        token-mean loss exactly, whatever the split (ppo-details 17).
+        """
+        cfg, world = self.config, self.world
+        B, M = len(b), cfg.minibatch_size
+        share = M // world.size
+        micro = cfg.micro_batch_size or share
+        response = b.query_response[:, b.P :]  # (B, R)
+        rows = []  # per minibatch: the weighted sums of STATS
+        grad_norms = []
+        self._train_mode(True)
+        try:
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(B, generator=self.cpu_generator).to(b.response_mask.device)
+                for start in range(0, B, M):
+                    mb = order[start : start + M]  # (M,)
+                    weight = b.response_mask[mb] / b.response_mask[mb].sum().clamp(min=1)  # (M, R)
+                    mine = slice(world.rank * share, (world.rank + 1) * share)
+                    sums = torch.zeros(len(self.STATS), device=self.device)
+                    bad = False
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for s in range(mine.start, mine.stop, micro):
+                        idx = mb[s : min(s + micro, mine.stop)]  # (m,)
+                        w = weight[s : min(s + micro, mine.stop)]  # (m, R)
+                        loss, micro_sums = self._micro_loss(b, idx, w, response)
+                        bad = bad or not bool(torch.isfinite(loss))
+                        # Gradient averaging over processes divides by their number; undo it.
+                        (loss * world.size).backward()
+                        sums += micro_sums
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    if bad:
+                        self._raise_non_finite("loss")
+                    if not torch.isfinite(grad_norm):
+                        self._raise_non_finite("gradient norm")
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    rows.append(sums)
+                    grad_norms.append(float(grad_norm))
+        finally:
+            self._train_mode(False)
+        totals = world.all_reduce_sum(torch.stack(rows)).cpu()  # (n_minibatches, n_stats)
+        stats = dict(zip(self.STATS, totals.mean(0).tolist()))
+        stats["policy/first_ratio"] = float(totals[0, self.STATS.index("policy/ratio")])
+        stats["policy/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return stats
+
+    def _micro_loss(
+        self, b: Rollout, idx: torch.Tensor, w: torch.Tensor, response: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted loss of rows `idx` and the weighted sums of STATS over them."""
+        cfg = self.config
+        mask = b.response_mask[idx]  # (m, R)
+        # Trim the padding these rows share, so short micro-batches run short forward passes.
+        R = int(mask.sum(1).max())
+        P = int(b.attention_mask[idx, : b.P].sum(1).max())  # longest prompt (left-padded)
+        ids = b.query_response[idx, b.P - P : b.P + R]  # (m, P+R)
+        attn = b.attention_mask[idx, b.P - P : b.P + R]  # (m, P+R)
+        mask, w = mask[:, :R], w[:, :R]  # (m, R)
+        logits, values = self._policy_forward(ids, attn, P)  # (m, R, V), (m, R)
+        logp_all = torch.log_softmax(logits, dim=-1)  # (m, R, V), float32
+        logprobs = logp_all.gather(-1, response[idx, :R].unsqueeze(-1)).squeeze(-1)  # (m, R)
+        old = b.logprobs[idx, :R]  # (m, R)
+        pg, clipped, log_ratio = policy_loss_per_token(
+            logprobs, old, b.advantages[idx, :R], mask, cfg.clip_eps
+        )  # (m, R) x3
+        vf, vf_clipped = value_loss_per_token(
+            values, b.values[idx, :R], b.returns[idx, :R], mask, cfg.value_clip_eps
+        )  # (m, R) x2
+        per_token = pg + cfg.vf_coef * vf  # (m, R)
+        if cfg.kl_in == "loss":  # ppo-details 13
+            # Masked positions take the policy's own log-prob (KL 0) so garbage there cannot
+            # overflow into a nan gradient.
+            ref = torch.where(mask.bool(), b.ref_logprobs[idx, :R], logprobs.detach())  # (m, R)
+            per_token = per_token + self.kl_ctl.value * kl_estimate(logprobs, ref, cfg.kl_estimator)
+        loss = (w * per_token).sum()
+        with torch.no_grad():
+            entropy = entropy_from_logprobs(logp_all.detach())  # (m, R)
+            sums = torch.stack(
+                [
+                    (w * pg).sum(),
+                    (w * vf).sum(),
+                    (w * 0.5 * log_ratio.pow(2)).sum(),
+                    (w * clipped).sum(),
+                    (w * log_ratio.exp()).sum(),
+                    (w * entropy).sum(),
+                    (w * vf_clipped).sum(),
+                ]
+            ).to(self.device)
+        return loss, sums
+
+    def _raise_non_finite(self, name: str) -> None:
+        raise NonFiniteError(
+            f"step {self.step_count + 1}: the {name} is not finite; no weights were changed by this "
+            "minibatch (try a lower --lr, or check the reward model's scores)"
+        )
+
+    # ----- one step --------------------------------------------------------------------------
     def step(self, prompts: list[str]) -> dict[str, float]:
-        """One PPO step on these prompts; returns the step's metrics."""
+        """One PPO step on these prompts (the global batch, the same list in every process)."""
         from ..text_stats import distinct_n, mean_repetition
 
         start = time.perf_counter()
         beta = self.kl_ctl.value
-        b = self.rollout(prompts)
+        B = len(prompts)
+        b = self.rollout(list(prompts))
         if not torch.isfinite(b.scores).all():
             raise NonFiniteError(
                 f"step {self.step_count + 1}: the reward model returned a non-finite score"
@@ -357,10 +455,7 @@ class PPOTrainer:
         stats = self.update(b)
         stats["time/update_s"] = time.perf_counter() - t0
         with torch.no_grad():
-            kl_k1 = ((b.logprobs - b.ref_logprobs) * b.response_mask).sum(
-                1
-            )  # (B,) nats per sequence
-            kl_seq = kl_k1.mean().item()
+            kl_seq = ((b.logprobs - b.ref_logprobs) * b.response_mask).sum(1).mean().item()
             reward = b.scores.mean().item()
             metrics = {
                 "objective/reward": reward,
@@ -368,7 +463,7 @@ class PPOTrainer:
                 "objective/kl_penalty": (b.kl.sum(1)).mean().item(),
                 "objective/combined": reward - beta * kl_seq,
                 "objective/kl_coef": beta,
-                "objective/score_std": b.scores.std().item() if len(prompts) > 1 else 0.0,
+                "objective/score_std": b.scores.std().item() if B > 1 else 0.0,
                 "val/explained_variance": explained_variance(
                     b.values, b.returns, b.response_mask
                 ).item(),
@@ -383,7 +478,7 @@ class PPOTrainer:
             gold = self.gold_judge.score_batch(b.prompts, b.texts, b.ended)
             metrics["objective/gold"] = sum(gold) / len(gold)
             self.last_gold = gold
-        self.kl_ctl.update(kl_seq, len(prompts))
+        self.kl_ctl.update(kl_seq, B)
         self.step_count += 1
         metrics.update(stats)
         metrics.update(b.timings)

@@ -136,7 +136,9 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     """The tokenizer saved beside a model, with a padding token that is not EOS (ppo-details 3)."""
     from transformers import AutoTokenizer
 
-    path = check_model_dir(directory)
+    path = Path(directory)
+    if not (path / "adapter_config.json").is_file():  # a LoRA adapter folder has no config.json
+        path = check_model_dir(directory)
     missing = InputError(
         f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
         "tokenizer beside the model with tokenizer.save_pretrained"

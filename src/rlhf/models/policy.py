@@ -22,7 +22,8 @@ from .forward import (
     hidden_size_of,
     position_ids_from_mask,
 )
-from .loading import load_causal_lm
+from .loading import check_model_dir, load_causal_lm
+from .lora import adapter_base, is_peft, load_adapter, merged_copy, save_adapter
 from .reward_model import RewardModel, load_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -86,15 +87,44 @@ class PolicyWithValueHead(nn.Module):
             self.value_head.bias.copy_(tensors["bias"])
 
 
-def load_policy(directory: str | Path, trust_remote_code: bool = False) -> PolicyWithValueHead:
+def load_policy(
+    directory: str | Path, trust_remote_code: bool = False, trainable: bool = True
+) -> PolicyWithValueHead:
     """A policy saved by `rlhf ppo` (its `policy/` folder): the causal LM with its value head.
 
     The LM alone loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer beside it with
-    `AutoTokenizer.from_pretrained` (or `rlhf.models.load_tokenizer`).
+    `AutoTokenizer.from_pretrained` (or `rlhf.models.load_tokenizer`). A LoRA policy's folder holds
+    its adapter: the base model it names is loaded and the adapter put on it.
     """
-    policy = PolicyWithValueHead(load_causal_lm(directory, trust_remote_code=trust_remote_code))
+    base_dir = adapter_base(directory)
+    if base_dir is None:
+        lm = load_causal_lm(directory, trust_remote_code=trust_remote_code)
+    else:
+        base = load_causal_lm(check_model_dir(base_dir), trust_remote_code=trust_remote_code)
+        lm = load_adapter(base, directory, trainable=trainable)
+    policy = PolicyWithValueHead(lm)
     policy.load_value_head(directory)
     return policy
+
+
+def save_policy(
+    policy: PolicyWithValueHead, tokenizer, directory: str | Path, merged: str | Path | None = None
+) -> None:
+    """Write the policy where `load_policy` reads it; a LoRA policy as its adapter (PEFT format).
+
+    With `merged`, a LoRA policy is also written there with the adapter folded into the weights,
+    as a plain transformers model.
+    """
+    directory = Path(directory)
+    if is_peft(policy.lm):
+        save_adapter(policy.lm, directory)
+        if merged is not None:
+            merged_copy(policy.lm).save_pretrained(merged, safe_serialization=True)
+            tokenizer.save_pretrained(merged)
+    else:
+        policy.lm.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    policy.save_value_head(directory)
 
 
 class ValueModel(nn.Module):

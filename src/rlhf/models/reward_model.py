@@ -9,6 +9,7 @@ answer (ppo-details 7).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..data import atomic_write, atomic_write_json
 from ..errors import InputError
 from .forward import device_of, final_hidden_states, hidden_size_of, last_token_index
 from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab
+from .lora import ADAPTER_CONFIG, adapter_base, is_peft, load_adapter, save_adapter, use_adapter
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_CONFIG_FILE = "reward_config.json"
@@ -34,12 +36,21 @@ class RewardModel(nn.Module):
     reward normalisation, ppo-details 9). Before that they are 1 and 0.
     """
 
-    def __init__(self, base_model: nn.Module, freeze_base: bool = True, tokenizer=None):
+    def __init__(
+        self,
+        base_model: nn.Module,
+        freeze_base: bool = True,
+        tokenizer=None,
+        adapter_name: str | None = None,
+    ):
         super().__init__()
         self.base_model = base_model
         self.freeze_base = freeze_base
         self.tokenizer = tokenizer
-        if freeze_base:
+        # A LoRA reward model can live on another model's base (the policy's): it then runs with
+        # its own adapter switched on, and leaves the base's parameters to their owner.
+        self.adapter_name = adapter_name
+        if freeze_base and adapter_name is None:
             for param in self.base_model.parameters():
                 param.requires_grad = False
         d = hidden_size_of(base_model)
@@ -59,7 +70,13 @@ class RewardModel(nn.Module):
         """The head's output before normalisation, shape (B,)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = final_hidden_states(self.base_model, input_ids, attention_mask)  # (B, T, H)
+        context = (
+            use_adapter(self.base_model, self.adapter_name)
+            if self.adapter_name is not None
+            else contextlib.nullcontext()
+        )
+        with context:
+            hidden = final_hidden_states(self.base_model, input_ids, attention_mask)  # (B, T, H)
         last = last_token_index(attention_mask)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.reward_head(pooled.to(self.reward_head.weight.dtype)).squeeze(-1)  # (B,)
@@ -78,11 +95,22 @@ class RewardModel(nn.Module):
         self.reward_gain.fill_(gain)
         self.reward_bias.fill_(-mean * gain)
 
+    @property
+    def is_lora(self) -> bool:
+        return is_peft(self.base_model)
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the base model (Hugging Face format), its tokenizer and the head (safetensors)."""
+        """Write the base model (Hugging Face format), its tokenizer and the head (safetensors).
+
+        A LoRA reward model writes only its adapter (PEFT format), which names the base model
+        folder it was trained on; loading it needs that folder.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.base_model.save_pretrained(directory, safe_serialization=True)
+        if self.is_lora:
+            save_adapter(self.base_model, directory, self.adapter_name or "default")
+        else:
+            self.base_model.save_pretrained(directory, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
         head = {
@@ -99,6 +127,7 @@ class RewardModel(nn.Module):
                 "hidden_size": self.reward_head.in_features,
                 "pooling": "last_token",
                 "freeze_base": self.freeze_base,
+                "lora": self.is_lora,
                 "gain": float(self.reward_gain),
                 "bias": float(self.reward_bias),
             },
@@ -106,9 +135,18 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, trust_remote_code: bool = False, **model_kwargs
+        cls,
+        directory: str | Path,
+        trust_remote_code: bool = False,
+        share_base: nn.Module | None = None,
+        **model_kwargs,
     ) -> RewardModel:
-        """Load a reward model saved by `save_pretrained` (safetensors only, nothing from a hub)."""
+        """Load a reward model saved by `save_pretrained` (safetensors only, nothing from a hub).
+
+        A LoRA reward model loads its base from the folder its adapter names. With `share_base`
+        (a PEFT model of that same base, such as a LoRA policy) the adapter is added to it under
+        the name "reward" instead, and no second copy of the base is made.
+        """
         directory = check_reward_model_dir(directory)
         head_path = directory / REWARD_HEAD_FILE
         try:
@@ -118,9 +156,17 @@ class RewardModel(nn.Module):
                 f"{directory / REWARD_CONFIG_FILE}: cannot read ({type(exc).__name__})"
             ) from None
         tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
-        base = load_causal_lm(directory, trust_remote_code=trust_remote_code, **model_kwargs)
-        match_vocab(base, tokenizer, directory)
-        model = cls(base, freeze_base=config.get("freeze_base", True), tokenizer=tokenizer)
+        base_dir = adapter_base(directory)
+        if base_dir is not None and share_base is not None:
+            base = load_adapter(share_base, directory, adapter_name="reward")
+            model = cls(base, tokenizer=tokenizer, adapter_name="reward")
+        else:
+            source = check_model_dir(base_dir) if base_dir is not None else directory
+            base = load_causal_lm(source, trust_remote_code=trust_remote_code, **model_kwargs)
+            match_vocab(base, tokenizer, directory)
+            if base_dir is not None:
+                base = load_adapter(base, directory)
+            model = cls(base, freeze_base=config.get("freeze_base", True), tokenizer=tokenizer)
         head = load_safetensors(head_path)
         if head["weight"].shape != model.reward_head.weight.shape:
             raise InputError(
@@ -144,7 +190,11 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def check_reward_model_dir(directory: str | Path) -> Path:
     """The folder as a Path if it holds a reward model saved by `RewardModel.save_pretrained`."""
-    directory = check_model_dir(directory)
+    if not (Path(directory) / ADAPTER_CONFIG).is_file():  # a LoRA reward model has no config.json
+        directory = check_model_dir(directory)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: reward model folder does not exist")
     if not (directory / REWARD_HEAD_FILE).is_file():
         raise InputError(
             f"{directory}: not a reward model folder (no {REWARD_HEAD_FILE}); "

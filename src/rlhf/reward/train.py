@@ -22,6 +22,7 @@ from ..core import bradley_terry_loss
 from ..data import atomic_write_json, read_preferences, write_preferences
 from ..errors import ConfigError
 from ..models.generation import pad_right
+from ..models.lora import LoraArgs, apply_lora
 from ..models.reward_model import RewardModel
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
 from .loss import encode_texts, evaluate_reward_model, score_texts
@@ -35,7 +36,7 @@ from .preferences import (
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(LoraArgs):
     """Options of `rlhf train-reward`."""
 
     out: str = "runs/reward"
@@ -78,6 +79,11 @@ class RewardConfig:
     """wrap each prompt in the tokenizer's chat template as a user turn (use the same with `rlhf ppo`)"""
 
     def validate(self) -> None:
+        self.validate_lora()
+        if self.lora_r and self.freeze_base:
+            raise ConfigError(
+                "--lora-r trains adapters on the base; it cannot go with --freeze-base"
+            )
         for name in ("n_pairs", "response_tokens", "epochs", "batch_size", "max_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(
@@ -172,9 +178,10 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         )
 
     # 3. Bradley-Terry training of a copy of the base model with a fresh scalar head.
-    reward_model = RewardModel(
-        copy.deepcopy(lm), freeze_base=cfg.freeze_base, tokenizer=tokenizer
-    ).to(device)
+    # With LoRA the base stays frozen and only the adapters and the head train; the saved reward
+    # model is then the adapter, which PPO can put on its policy's base (models/lora.py).
+    base = apply_lora(copy.deepcopy(lm), cfg) if cfg.lora_r else copy.deepcopy(lm)
+    reward_model = RewardModel(base, freeze_base=cfg.freeze_base, tokenizer=tokenizer).to(device)
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)

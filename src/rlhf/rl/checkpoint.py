@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..errors import InputError
 
@@ -42,6 +43,23 @@ def checkpoint_step(path: str | Path) -> int:
     return int(STEP_DIR.match(Path(path).name).group(1))
 
 
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer updates, by name: all of them, or a LoRA policy's adapters and
+    value head (the frozen base is the model folder the run started from)."""
+    return {
+        name: p.detach().contiguous() for name, p in module.named_parameters() if p.requires_grad
+    }
+
+
+def load_trainable(module: nn.Module, path: Path) -> None:
+    """Load what `trainable_state` saved; every trainable parameter must be in the file."""
+    tensors = load_file(str(path))
+    missing = set(trainable_state(module)) - set(tensors)
+    unexpected = module.load_state_dict(tensors, strict=False).unexpected_keys
+    if missing or unexpected:
+        raise ValueError(f"missing {sorted(missing)[:1]}, unexpected {unexpected[:1]}")
+
+
 def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int = 2) -> Path:
     """Write the trainer's full state after `step` completed steps; keep the newest `keep`."""
     root = Path(out) / "checkpoints"
@@ -51,9 +69,11 @@ def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int 
     target = root / f"step-{step:06d}"
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_model(trainer.policy, str(staging / "policy.safetensors"))
+        save_file(trainable_state(trainer.policy), str(staging / "policy.safetensors"))
         if trainer.value_model is not None:
-            save_model(trainer.value_model, str(staging / "value_model.safetensors"))
+            save_file(
+                trainable_state(trainer.value_model), str(staging / "value_model.safetensors")
+            )
         state = {
             "step": step,
             "optimizer": trainer.optimizer.state_dict(),
@@ -105,9 +125,9 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
             f"{path / 'state.pt'}: cannot read checkpoint ({type(exc).__name__})"
         ) from None
     try:
-        load_model(trainer.policy, str(path / "policy.safetensors"))
+        load_trainable(trainer.policy, path / "policy.safetensors")
         if trainer.value_model is not None:
-            load_model(trainer.value_model, str(path / "value_model.safetensors"))
+            load_trainable(trainer.value_model, path / "value_model.safetensors")
     except Exception:  # another architecture or size: the state dict does not fit
         raise InputError(
             f"{path}: its weights do not fit this model; resume with the --model (and "

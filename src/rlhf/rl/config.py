@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
+from ..models.lora import LoraArgs
 
 KLEstimatorChoice = Literal["k1", "k2", "k3", "exact"]
 
@@ -164,7 +165,7 @@ class AdaptiveKLController(FixedKLController):
 
 
 @dataclass
-class PPORunConfig(PPOConfig):
+class PPORunConfig(PPOConfig, LoraArgs):
     """Options of `rlhf ppo`: the PPO hyper-parameters plus inputs and outputs."""
 
     out: str = "runs/ppo"
@@ -197,9 +198,14 @@ class PPORunConfig(PPOConfig):
     """how many of the newest checkpoints to keep"""
     resume: bool = False
     """continue the run in --out from its last checkpoint"""
+    merge_lora: bool = False
+    """with --lora-r: also write policy-merged/, the adapter folded into the weights (plain transformers loads it)"""
 
     def validate(self) -> None:
         super().validate()
+        self.validate_lora()
+        if self.merge_lora and not self.lora_r:
+            raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")
         for name in ("sample_every", "max_prompt_tokens", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(

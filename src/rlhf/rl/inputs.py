@@ -64,6 +64,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
     the tokenizer's chat template.
     """
+    from ..models.forward import compute_dtype
     from ..models.generation import apply_chat_template, truncate_prompts
     from ..models.loading import (
         check_model_dir,
@@ -72,6 +73,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         match_vocab,
         pick_device,
     )
+    from ..models.lora import adapter_base, apply_lora
     from ..models.reward_model import check_reward_model_dir
 
     # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
@@ -105,14 +107,36 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         )
     if cfg.chat_template:
         prompts = apply_chat_template(tokenizer, prompts, f"the tokenizer in {policy_dir}")
-    policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    # Frozen weights are loaded straight in the compute dtype (half the memory under bf16).
+    frozen_dtype = compute_dtype(device, cfg.dtype)
+    code = cfg.trust_remote_code
+    policy = load_causal_lm(
+        policy_dir, trust_remote_code=code, dtype=frozen_dtype if cfg.lora_r else None
+    )
     match_vocab(policy, tokenizer, policy_dir)
-    ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
-    ref = load_causal_lm(ref_dir, trust_remote_code=cfg.trust_remote_code)
-    match_vocab(ref, tokenizer, ref_dir)
+    if cfg.lora_r:
+        policy = apply_lora(policy, cfg)
+    if cfg.lora_r and not cfg.ref_model:
+        ref = None  # the reference is the policy with its adapters switched off
+    else:
+        ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
+        ref = load_causal_lm(ref_dir, trust_remote_code=code, dtype=frozen_dtype)
+        match_vocab(ref, tokenizer, ref_dir)
+        ref = ref.to(device)
     if cfg.reward_model:
         rm_dir = Path(cfg.reward_model)
     else:
         rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
-    reward_model = RewardModel.from_pretrained(rm_dir, trust_remote_code=cfg.trust_remote_code)
-    return prompts, policy.to(device), ref.to(device), reward_model.to(device), tokenizer
+    # A LoRA reward model trained on the policy's own base joins the policy as a second adapter.
+    rm_base = adapter_base(rm_dir)
+    share = cfg.lora_r and rm_base is not None and rm_base.resolve() == policy_dir.resolve()
+    if share and cfg.value_model == "reward":
+        raise ConfigError(
+            "--value-model reward needs its own copy of the reward model, but this LoRA reward "
+            "model shares the policy's base; use the default --value-model shared"
+        )
+    reward_model = RewardModel.from_pretrained(
+        rm_dir, trust_remote_code=code, share_base=policy if share else None,
+        **({} if share else {"dtype": frozen_dtype}),
+    )  # fmt: skip
+    return prompts, policy.to(device), ref, reward_model.to(device), tokenizer

@@ -20,6 +20,7 @@ import torch
 
 from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
+from ..models.policy import save_policy
 from ..models.reward_model import RewardModel
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
@@ -203,9 +204,12 @@ def train_ppo(
             raise NonFiniteError(f"{exc}{kept}") from None
         finally:
             bar.close()
-    trainer.policy.lm.save_pretrained(out / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(out / "policy")
-    trainer.policy.save_value_head(out / "policy")
+    save_policy(
+        trainer.policy,
+        tokenizer,
+        out / "policy",
+        merged=out / "policy-merged" if cfg.merge_lora else None,
+    )
     summary = {
         "steps": cfg.steps,
         "seconds": round(time.perf_counter() - start, 1),

@@ -44,6 +44,7 @@ from ..models.forward import (
     swap_slow_gelu,
 )
 from ..models.generation import decode_responses, encode_prompts, sample_responses
+from ..models.lora import is_peft
 from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
 from .config import AdaptiveKLController, FixedKLController, PPOConfig
@@ -58,8 +59,12 @@ def _freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return cast_frozen(model, dtype)
 
 
-def is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant (works with frozen embeddings)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
 class PPOTrainer:
@@ -133,9 +138,7 @@ class PPOTrainer:
             for model in (self.policy.lm, self.value_model and self.value_model.lm):
                 if model is not None:
                     disable_dropout(model)
-                    model.gradient_checkpointing_enable(
-                        gradient_checkpointing_kwargs={"use_reentrant": False}
-                    )
+                    enable_checkpointing(model)
         # eps 1e-5 as in lm-human-preferences' Adam. The fused kernel updates every tensor in one
         # pass (the default of transformers' Trainer too); it needs floating-point CPU/CUDA params.
         fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)

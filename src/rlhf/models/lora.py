@@ -1,0 +1,173 @@
+"""LoRA adapters through `peft`: train a few low-rank matrices instead of the whole model.
+
+Under LoRA the frozen base weights serve three roles at once: with the policy's adapter they are
+the policy, with adapters switched off they are the reference (no second copy of the model), and
+with a reward adapter (and the reward head) they are the reward model, when it was trained with
+LoRA on the same base. TRL's multi-adapter PPO (trl <= 0.11) did the same.
+
+Adapters are saved in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads them);
+`merged_copy` gives a plain transformers model with the adapter folded in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ConfigError, InputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class LoraArgs:
+    """LoRA options shared by `rlhf ppo` and `rlhf train-reward`."""
+
+    lora_r: int = 0
+    """LoRA rank: train rank-r adapters on the frozen model instead of every weight (0: off, full fine-tuning); 8-64 is usual"""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is multiplied by alpha / r"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input while training the reward model (PPO runs with dropout off, ppo-details 2)"""
+    lora_target_modules: str = "all-linear"
+    """comma-separated names of the layers that get adapters (e.g. q_proj,v_proj or c_attn), or all-linear: every linear layer but the output head"""
+
+    def validate_lora(self) -> None:
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora-r must be >= 0 (0: no LoRA), got {self.lora_r}")
+        if self.lora_r and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and not self.lora_target_modules.strip(" ,"):
+            raise ConfigError("--lora-target-modules is empty; give layer names or all-linear")
+
+
+def is_peft(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT wrapper (so adapters can be switched off)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def _targets(spec: str) -> str | list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def _uses_conv1d(lm: nn.Module) -> bool:
+    """GPT-2 style layers store their weight transposed (transformers' Conv1D)."""
+    return any(type(m).__name__ == "Conv1D" for m in lm.modules())
+
+
+def apply_lora(lm: nn.Module, args: LoraArgs, adapter_name: str = "default") -> nn.Module:
+    """Wrap a causal LM with fresh, trainable LoRA adapters; the base weights are frozen.
+
+    The adapters start as an exact no-op (B = 0), so the wrapped model computes what `lm` did.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=_targets(args.lora_target_modules),
+        fan_in_fan_out=_uses_conv1d(lm),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(lm, config, adapter_name=adapter_name)
+    except ValueError as exc:  # no layer matched --lora-target-modules
+        layers = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
+            | {
+                name.rsplit(".", 1)[-1]
+                for name, m in lm.named_modules()
+                if type(m).__name__ == "Conv1D"
+            }
+        )
+        raise ConfigError(
+            f"--lora-target-modules {args.lora_target_modules}: {str(exc).splitlines()[0]} "
+            f"(this model's linear layers: {', '.join(layers[:12])}; or use all-linear)"
+        ) from None
+
+
+def adapter_base(directory: str | Path) -> Path | None:
+    """The base model folder a saved adapter was trained on (from adapter_config.json), if any."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        raise InputError(f"{path}: cannot read the adapter's configuration") from None
+    if not base:
+        raise InputError(f"{path}: no base_model_name_or_path; cannot tell which model it adapts")
+    return Path(base)
+
+
+def load_adapter(
+    lm: nn.Module, directory: str | Path, adapter_name: str = "default", trainable: bool = False
+) -> nn.Module:
+    """Put the adapter saved in `directory` on `lm` (or add it to `lm` if it is already PEFT)."""
+    from peft import PeftModel
+
+    try:
+        if is_peft(lm):
+            lm.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=trainable)
+            return lm
+        return PeftModel.from_pretrained(
+            lm, str(directory), adapter_name=adapter_name, is_trainable=trainable
+        )
+    except Exception as exc:  # shapes or layer names of another base model
+        raise InputError(
+            f"{directory}: the adapter does not fit this base model ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+    """Write one adapter in PEFT's format (adapter_model.safetensors, adapter_config.json).
+
+    PEFT writes the adapter of a non-default name into a sub-folder; it is written flat here, so
+    that every saved adapter loads with `PeftModel.from_pretrained(base, directory)`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.peft_config[adapter_name]
+    base = config.base_model_name_or_path
+    if base and Path(base).is_dir():  # recorded as given when loading; make it absolute
+        config.base_model_name_or_path = str(Path(base).resolve())
+    model.save_pretrained(str(directory), selected_adapters=[adapter_name], safe_serialization=True)
+    nested = directory / adapter_name
+    if adapter_name != "default" and nested.is_dir():
+        for item in nested.iterdir():
+            item.replace(directory / item.name)
+        nested.rmdir()
+
+
+def merged_copy(model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """A plain float32 transformers model with one adapter folded into the weights.
+
+    The merge runs in float32: a small low-rank update added to bf16 weights would mostly round
+    away. Any other adapter on the model (a shared reward adapter) is dropped.
+    """
+    return copy.deepcopy(model).float().merge_and_unload(adapter_names=[adapter_name])
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Run `model` with adapter `name` active, then switch back, trainable flags included."""
+    previous = model.active_adapter
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])

@@ -1,0 +1,156 @@
+"""Memory-lean PPO on one device: micro-batches, rollout chunks, gradient checkpointing, dtype.
+
+Each option trades memory for time and must not change what is computed: the same update to
+~1e-5 whatever the micro-batch size, the same rollout whatever the chunk size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_lm
+from rlhf.errors import ConfigError
+from rlhf.models.reward_model import RewardModel
+from rlhf.rl.config import PPOConfig
+from rlhf.rl.trainer import PPOTrainer
+
+PROMPTS = [
+    "the plot",
+    "this phone is great . the battery",
+    "i watched this film and i loved",
+    "the",
+    "the headphones broke after a week .",
+    "the blender is loud but",
+    "the acting was superb and the story",
+    "i want",
+]
+SMALL = dict(batch_size=8, minibatch_size=4, ppo_epochs=2, response_tokens=6, steps=10, lr=1e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(tok, arch="gpt2", **config) -> PPOTrainer:
+    policy = make_tiny_lm(tok, arch, seed=0)
+    # A bias toward EOS, so that some responses end early and rows have different lengths.
+    old = policy.lm_head
+    policy.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        policy.lm_head.weight.copy_(old.weight)
+        policy.lm_head.bias.zero_()
+        policy.lm_head.bias[tok.eos_token_id] = 4.0
+    reward_model = RewardModel(make_tiny_lm(tok, arch, seed=2), tokenizer=tok)
+    return PPOTrainer(
+        policy, copy.deepcopy(policy), reward_model, tok, PPOConfig(**{**SMALL, **config})
+    )
+
+
+def _params(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.policy.named_parameters()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("micro", [1, 3])
+def test_micro_batches_give_the_same_update(tiny_tokenizer, arch, micro):
+    """Two steps with minibatches of 4 split into micro-batches of 1 (or 3 and 1) change the
+    weights as whole minibatches do, to 1e-5: the loss is normalised by the minibatch's tokens."""
+    whole, split = (
+        _trainer(tiny_tokenizer, arch),
+        _trainer(tiny_tokenizer, arch, micro_batch_size=micro),
+    )
+    start = _params(whole)
+    for _ in range(2):
+        m_whole, m_split = whole.step(PROMPTS), split.step(PROMPTS)
+    lengths = whole.last_rollout.response_mask.sum(1)
+    assert lengths.min() < lengths.max(), "rows of different lengths make the test meaningful"
+    moved = _max_diff(_params(whole), start)
+    assert moved > 1e-3, "the update must move the weights for the comparison to mean anything"
+    assert _max_diff(_params(whole), _params(split)) < 1e-5
+    for key in ("loss/policy", "loss/value", "policy/approxkl", "policy/entropy", "objective/kl"):
+        assert m_split[key] == pytest.approx(m_whole[key], abs=1e-5, rel=1e-4), key
+
+
+def test_a_wrong_normalisation_would_show(tiny_tokenizer):
+    """The invariance above is not automatic: averaging each micro-batch's own mean (what plain
+    gradient accumulation does) moves the weights differently, by far more than 1e-5."""
+    whole = _trainer(tiny_tokenizer)
+    naive = _trainer(tiny_tokenizer, micro_batch_size=1)
+
+    original = naive._micro_loss
+
+    def per_micro_mean(b, idx, w, response):  # each micro-batch's own token-mean, / 4 of them
+        mask = b.response_mask[idx]  # (1, R)
+        micro_per_minibatch = naive.config.minibatch_size // naive.config.micro_batch_size
+        return original(b, idx, mask / mask.sum() / micro_per_minibatch, response)
+
+    naive._micro_loss = per_micro_mean
+    whole.step(PROMPTS)
+    naive.step(PROMPTS)
+    assert _max_diff(_params(whole), _params(naive)) > 1e-4
+
+
+def test_rollout_chunks_give_the_same_rollout(tiny_tokenizer):
+    """Chunks of 3 rows (3 + 3 + 2, each padded to its own lengths) give the rollout that one
+    pass over 8 rows gives: same tokens, same log-probs, values, scores and advantages."""
+    one, chunked = _trainer(tiny_tokenizer), _trainer(tiny_tokenizer, rollout_batch_size=3)
+    a, b = one.rollout(PROMPTS), chunked.rollout(PROMPTS)
+    assert a.texts == b.texts and torch.equal(a.query_response, b.query_response)
+    assert torch.equal(a.attention_mask, b.attention_mask)
+    for name in ("logprobs", "ref_logprobs", "values", "scores", "advantages", "returns"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0)
+
+
+def test_a_rows_response_does_not_depend_on_its_batch(tiny_tokenizer):
+    """Sampling draws are per row and position, so a prompt's response is the same whether it is
+    sampled with the others or alone in its chunk (what makes chunking and sharding invisible)."""
+    together = _trainer(tiny_tokenizer).rollout(PROMPTS)
+    alone = _trainer(tiny_tokenizer, rollout_batch_size=1).rollout(PROMPTS)
+    assert together.texts == alone.texts
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer):
+    plain, checkpointed = (
+        _trainer(tiny_tokenizer),
+        _trainer(tiny_tokenizer, gradient_checkpointing=True),
+    )
+    assert checkpointed.policy.lm.is_activation_checkpointing
+    plain.step(PROMPTS)
+    metrics = checkpointed.step(PROMPTS)
+    assert metrics["policy/first_ratio"] == pytest.approx(1.0, abs=1e-6)  # dropout stays off
+    assert _max_diff(_params(plain), _params(checkpointed)) < 1e-6
+    assert not checkpointed.policy.training  # back in eval mode for the next rollout
+
+
+def test_bfloat16_keeps_frozen_weights_in_bf16_and_trained_ones_in_float32(tiny_tokenizer):
+    trainer = _trainer(tiny_tokenizer, dtype="bfloat16")
+    assert {p.dtype for p in trainer.ref_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.reward_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    metrics = trainer.step(PROMPTS)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(micro_batch_size=-1), "--micro-batch-size must be >= 0"),
+        (dict(micro_batch_size=8), "--micro-batch-size 8 is larger than --minibatch-size 4"),
+        (dict(rollout_batch_size=-2), "--rollout-batch-size must be >= 0"),
+        (dict(dtype="float16"), "--dtype must be one of auto, float32, bfloat16"),
+    ],
+)
+def test_bad_sizes_are_refused_in_one_line(options, message):
+    with pytest.raises(ConfigError, match=message):
+        PPOConfig(**{**SMALL, **options}).validate()

@@ -64,11 +64,15 @@ def _uses_conv1d(lm: nn.Module) -> bool:
     return any(type(m).__name__ == "Conv1D" for m in lm.modules())
 
 
-def apply_lora(lm: nn.Module, args: LoraArgs, adapter_name: str = "default") -> nn.Module:
+def apply_lora(
+    lm: nn.Module, args: LoraArgs, adapter_name: str = "default", seed: int = 0
+) -> nn.Module:
     """Wrap a causal LM with fresh, trainable LoRA adapters; the base weights are frozen.
 
     The adapters start as an exact no-op (B = 0), so the wrapped model computes what `lm` did.
+    A's random initialisation is drawn from `seed`, leaving the global random state alone.
     """
+    import torch
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -81,7 +85,9 @@ def apply_lora(lm: nn.Module, args: LoraArgs, adapter_name: str = "default") -> 
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(lm, config, adapter_name=adapter_name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(lm, config, adapter_name=adapter_name)
     except ValueError as exc:  # no layer matched --lora-target-modules
         layers = sorted(
             {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}

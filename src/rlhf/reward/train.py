@@ -180,7 +180,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     # 3. Bradley-Terry training of a copy of the base model with a fresh scalar head.
     # With LoRA the base stays frozen and only the adapters and the head train; the saved reward
     # model is then the adapter, which PPO can put on its policy's base (models/lora.py).
-    base = apply_lora(copy.deepcopy(lm), cfg) if cfg.lora_r else copy.deepcopy(lm)
+    base = apply_lora(copy.deepcopy(lm), cfg, seed=cfg.seed) if cfg.lora_r else copy.deepcopy(lm)
     reward_model = RewardModel(base, freeze_base=cfg.freeze_base, tokenizer=tokenizer).to(device)
     params = [p for p in reward_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

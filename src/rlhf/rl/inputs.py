@@ -115,7 +115,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     )
     match_vocab(policy, tokenizer, policy_dir)
     if cfg.lora_r:
-        policy = apply_lora(policy, cfg)
+        policy = apply_lora(policy, cfg, seed=cfg.seed)
     if cfg.lora_r and not cfg.ref_model:
         ref = None  # the reference is the policy with its adapters switched off
     else:

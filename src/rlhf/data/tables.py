@@ -62,7 +62,7 @@ def read_table(path: str | Path, what: str, plain_text_ok: bool = False) -> Tabl
     if suffix in _JSONL:
         return Table(str(path), [({"line": n}, v) for n, v in _json_lines(path)])
     if suffix in _TABULAR:
-        raise _unknown(path, suffix, what)
+        raise _unknown(path, suffix, what, plain_text_ok)
     data = _read_bytes(p)
     if suffix == ".json" or (
         not plain_text_ok and data.removeprefix(_BOM).lstrip()[:1] in (b"{", b"[")
@@ -71,12 +71,13 @@ def read_table(path: str | Path, what: str, plain_text_ok: bool = False) -> Tabl
     if plain_text_ok:
         return None
     _split(path, data)  # an empty file says so
-    raise _unknown(path, suffix, what)
+    raise _unknown(path, suffix, what, plain_text_ok)
 
 
-def _unknown(path: str | Path, suffix: str, what: str):
+def _unknown(path: str | Path, suffix: str, what: str, plain_text_ok: bool):
     kind = f"{suffix} files" if suffix else "this file (no extension, and not JSON)"
-    return _err(path, f"cannot read {kind} as {what}; {what} is read from {FORMATS}")
+    text = ", or plain text, one prompt per line" if plain_text_ok else ""
+    return _err(path, f"cannot read {kind} as {what}; rlhf reads {FORMATS}{text}")
 
 
 def _json_document(path: str | Path, data: bytes) -> Table:

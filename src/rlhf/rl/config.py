@@ -179,6 +179,8 @@ class PPORunConfig(PPOConfig):
     """how many of the newest checkpoints to keep"""
     resume: bool = False
     """continue the run in --out from its last checkpoint"""
+    prompt_field: str = "prompt"
+    """name of the prompt field in a --prompts file of records (text, or a list of messages rendered with the chat template)"""
 
     def validate(self) -> None:
         super().validate()

@@ -147,8 +147,8 @@ def _missing(rec: dict, path, at: dict, f: Fields):
 
 
 def _shared_start(a: str, b: str) -> int:
-    """Where the prompt ends in two full texts: at the last whitespace before they differ, so
-    that no word is split and each response starts with the whitespace (as a sampled one does)."""
+    """Where the prompt ends in two full texts: at the last whitespace before they differ, so that
+    no word is split; the responses keep that whitespace, so prompt + response is the text."""
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

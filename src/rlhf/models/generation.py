@@ -1,4 +1,5 @@
-"""Batched sampling with the KV cache, and turning token rows back into text.
+"""Batched sampling with the KV cache, turning token rows back into text, and chat templates
+(text prompts wrapped as a user turn; conversational records rendered to prompt and response text).
 
 Shapes: B batch, P prompt tokens (left-padded), R response tokens (right-padded after EOS).
 
@@ -9,13 +10,15 @@ A hand-written loop instead of `generate`: it samples from exactly `softmax(logi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..core import first_eos_index
-from ..errors import ConfigError
+from ..data import Message, PreferencePair
+from ..errors import ConfigError, InputError
 from .forward import accepts_kwarg, position_ids_from_mask
 
 
@@ -71,15 +74,78 @@ def apply_chat_template(tokenizer, prompts: list[str], source: str = "the tokeni
             f"--chat-template: {source} has no chat template (no chat_template in "
             "tokenizer_config.json or chat_template.jinja); leave the option off"
         )
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
     out = []
     for prompt in prompts:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        out.append(text[len(bos) :] if adds_bos and text.startswith(bos) else text)
+        out.append(_drop_template_bos(tokenizer, text))
     return out
+
+
+def _drop_template_bos(tokenizer, text: str) -> str:
+    """`text` without the BOS a template writes when the tokenizer adds its own, so none doubles."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
+    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
+
+
+def _need_template(tokenizer, data: str, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{data}: holds conversations (lists of messages), which are rendered with a chat "
+            f"template, and {source} has none; give a chat model's folder with --model, or text"
+        )
+
+
+def _render(tokenizer, messages: list[Message], where: str, generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except (TemplateError, ValueError, TypeError, KeyError) as e:  # raise_exception() in templates
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{where}: the chat template refused the conversation: {reason}") from None
+
+
+def render_conversation_pairs(
+    tokenizer, pairs: list[PreferencePair], data: str, source: str = "the tokenizer"
+) -> list[PreferencePair]:
+    """Conversational pairs as text: the prompt as the template writes it before a reply (with the
+    generation prompt), each response as the text the template writes for the turn(s) after it.
+
+    `data` (the file) and `source` (whose tokenizer) are for the messages.
+    """
+    _need_template(tokenizer, data, source)
+    out = []
+    for pair in pairs:
+        where = pair.source or data
+        prompt = _render(tokenizer, pair.prompt, where, True)
+        chosen = _render(tokenizer, pair.prompt + pair.chosen, where, False)
+        rejected = _render(tokenizer, pair.prompt + pair.rejected, where, False)
+        # The prompt is what all three share: a few templates write the generation prompt
+        # differently when a reply follows (TRL's data_utils.apply_chat_template does the same).
+        n = len(os.path.commonprefix([prompt, chosen, rejected]))
+        if chosen[n:] == rejected[n:]:
+            raise InputError(f"{where}: chosen and rejected render to the same text")
+        text = _drop_template_bos(tokenizer, prompt[:n])
+        out.append(PreferencePair(text, chosen[n:], rejected[n:], pair.margin, pair.source))
+    return out
+
+
+def render_prompt_conversations(
+    tokenizer, prompts: list[list[Message]], data: str, source: str = "the tokenizer"
+) -> list[str]:
+    """Prompts given as conversations, rendered by the chat template ready for the reply."""
+    _need_template(tokenizer, data, source)
+    return [
+        _drop_template_bos(
+            tokenizer, _render(tokenizer, messages, f"{data}: prompt {i} (0-based)", True)
+        )
+        for i, messages in enumerate(prompts)
+    ]
 
 
 def pad_right(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

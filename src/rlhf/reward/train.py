@@ -20,7 +20,7 @@ import torch
 
 from ..core import bradley_terry_loss
 from ..data import atomic_write_json, read_preferences, write_preferences
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..models.generation import pad_right
 from ..models.lora import LoraArgs, apply_lora
 from ..models.reward_model import RewardModel
@@ -42,7 +42,13 @@ class RewardConfig(LoraArgs):
     out: str = "runs/reward"
     """output folder: reward model, config.json, metrics.jsonl, reward_eval.json"""
     data: str | None = None
-    """preference JSONL ({prompt, response_A, response_B, preference} or {prompt, chosen, rejected}); default: generated from the built-in task"""
+    """preference data: .jsonl, .json, .parquet or a datasets save_to_disk folder; records {prompt, chosen, rejected} as text or as message lists (rendered with the chat template), {chosen, rejected} (implicit prompt) or {prompt, response_A, response_B, preference}; default: generated from the built-in task"""
+    prompt_field: str = "prompt"
+    """name of the prompt field in --data (absent: the prompt is what chosen and rejected share)"""
+    chosen_field: str = "chosen"
+    """name of the chosen-response field in --data"""
+    rejected_field: str = "rejected"
+    """name of the rejected-response field in --data"""
     model: str | None = None
     """Hugging Face model folder to start the reward model from; default: the built-in base model"""
     n_pairs: int = 6000
@@ -76,7 +82,7 @@ class RewardConfig(LoraArgs):
     trust_remote_code: bool = False
     """allow model folders to run their own Python code (only for models you trust)"""
     chat_template: bool = False
-    """wrap each prompt in the tokenizer's chat template as a user turn (use the same with `rlhf ppo`)"""
+    """wrap each text prompt in the tokenizer's chat template as a user turn (use the same with `rlhf ppo`); conversational data is always rendered with the template"""
 
     def validate(self) -> None:
         self.validate_lora()
@@ -97,6 +103,12 @@ class RewardConfig(LoraArgs):
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.normalise_samples < 0:
             raise ConfigError(f"--normalise-samples must be >= 0, got {self.normalise_samples}")
+        names = (self.prompt_field, self.chosen_field, self.rejected_field)
+        if not all(names) or len(set(names)) < 3:
+            raise ConfigError(
+                "--prompt-field, --chosen-field and --rejected-field must be three different "
+                f"names, got {', '.join(map(repr, names))}"
+            )
 
 
 def _split_sizes(n_pairs: int, eval_fraction: float, source) -> int:
@@ -114,7 +126,11 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     """Train, normalise, evaluate and save a reward model; returns the evaluation dict."""
 
     from ..models.forward import autocast
-    from ..models.generation import apply_chat_template, sample_texts
+    from ..models.generation import (
+        apply_chat_template,
+        render_conversation_pairs,
+        sample_texts,
+    )
     from ..models.loading import (
         check_model_dir,
         load_causal_lm,
@@ -129,14 +145,28 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     # 1. Validate the inputs before any work: the data file first, then the model folder.
-    file_pairs = read_preferences(cfg.data) if cfg.data else None
-    if file_pairs is not None:
+    file_pairs = None
+    if cfg.data:
+        file_pairs = read_preferences(
+            cfg.data, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
+            rejected_field=cfg.rejected_field,
+        )  # fmt: skip
         _split_sizes(len(file_pairs), cfg.eval_fraction, cfg.data)
+    conversations = file_pairs is not None and file_pairs[0].is_conversation
+    if conversations and not cfg.model:
+        raise InputError(
+            f"{cfg.data}: holds conversations (lists of messages), which are rendered with a chat "
+            "template, and the built-in model has none; give a chat model's folder with --model"
+        )
     if cfg.model:
         check_model_dir(cfg.model)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if cfg.chat_template:
             apply_chat_template(tokenizer, [""], f"the tokenizer in {cfg.model}")
+        if conversations:  # rendered now, so a template that refuses them fails before loading
+            file_pairs = render_conversation_pairs(
+                tokenizer, file_pairs, cfg.data, f"the tokenizer in {cfg.model}"
+            )
         lm = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
         match_vocab(lm, tokenizer, cfg.model)
     else:
@@ -158,7 +188,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         )  # fmt: skip
         write_preferences(out / "preferences.jsonl", records)
         pairs = _pairs_from_records(records)
-    if cfg.chat_template:
+    if cfg.chat_template and not conversations:  # conversations are rendered already
         pairs.prompts = apply_chat_template(
             tokenizer, pairs.prompts, f"the tokenizer in {cfg.model}"
         )

@@ -200,6 +200,8 @@ class PPORunConfig(PPOConfig, LoraArgs):
     """continue the run in --out from its last checkpoint"""
     merge_lora: bool = False
     """with --lora-r: also write policy-merged/, the adapter folded into the weights (plain transformers loads it)"""
+    prompt_field: str = "prompt"
+    """name of the prompt field in a --prompts file of records (text, or a list of messages rendered with the chat template)"""
 
     def validate(self) -> None:
         super().validate()

@@ -33,7 +33,10 @@ def default_reward_model_dir(
     reward_cfg = reward_cfg or RewardConfig()
     root = default_cache_dir(cache_dir)
     reward_fields = dataclasses.asdict(reward_cfg)
+    # Options that do not change the built-in model stay out of the key (it has no --data).
     for name in ("out", "device", "cache_dir", "model", "data"):
+        reward_fields.pop(name)
+    for name in ("prompt_field", "chosen_field", "rejected_field"):
         reward_fields.pop(name)
     target = root / cache_key(
         "reward", {"reward": reward_fields, "base": dataclasses.asdict(base_cfg)}
@@ -65,7 +68,11 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     the tokenizer's chat template.
     """
     from ..models.forward import compute_dtype
-    from ..models.generation import apply_chat_template, truncate_prompts
+    from ..models.generation import (
+        apply_chat_template,
+        render_prompt_conversations,
+        truncate_prompts,
+    )
     from ..models.loading import (
         check_model_dir,
         load_causal_lm,
@@ -82,7 +89,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         raise ConfigError(
             "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
         )
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    prompts = read_prompts(cfg.prompts, field=cfg.prompt_field) if cfg.prompts else None
     for directory in (cfg.model, cfg.ref_model):
         if directory:
             check_model_dir(directory)
@@ -99,13 +106,18 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
 
         policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    conversations = isinstance(prompts[0], list)
+    if conversations:
+        prompts = render_prompt_conversations(
+            tokenizer, prompts, cfg.prompts, f"the tokenizer in {policy_dir}"
+        )
     prompts, n_cut = truncate_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
     if n_cut:
         print(
             f"warning: {n_cut} of {len(prompts)} prompts are longer than --max-prompt-tokens "
             f"{cfg.max_prompt_tokens}; they keep their last tokens"
         )
-    if cfg.chat_template:
+    if cfg.chat_template and not conversations:  # conversations are rendered already
         prompts = apply_chat_template(tokenizer, prompts, f"the tokenizer in {policy_dir}")
     # Frozen weights are loaded straight in the compute dtype (half the memory under bf16).
     frozen_dtype = compute_dtype(device, cfg.dtype)

@@ -78,10 +78,15 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     """Log-probability of each token under its logits: (B, T, V), (B, T) -> (B, T), float32.
 
     The log-softmax runs in float32 even for bf16 logits: bf16 log-probs are too coarse for the
-    PPO ratio exp(logp - old_logp).
+    PPO ratio exp(logp - old_logp). It runs one row at a time, so its (T, V) temporaries stay
+    small next to the logits (with a 50k vocabulary they are the largest tensors of a step); each
+    row's numbers are the ones a whole-batch log-softmax gives.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    rows = [
+        F.log_softmax(row.float(), dim=-1).gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+        for row, ids in zip(logits, tokens)
+    ]  # B x (T,)
+    return torch.stack(rows) if rows else logits.new_zeros(tokens.shape, dtype=torch.float32)
 
 
 def _p_log_ratio(logp: Tensor, logq: Tensor) -> Tensor:

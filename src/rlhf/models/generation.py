@@ -219,11 +219,14 @@ def sample_responses(
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.clone()  # (B, P)
+    # Only the last prompt position's logits are needed: (B, 1, V), not (B, P, V).
+    keep = {"logits_to_keep": 1} if accepts_kwarg(lm, "logits_to_keep") else {}
     out = lm(
         input_ids=prompt_ids,
         attention_mask=mask,
         position_ids=position_ids_from_mask(mask),
         use_cache=True,
+        **keep,
     )
     # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40).
     cache_arg = "cache" if accepts_kwarg(lm, "cache") else "past_key_values"

@@ -421,7 +421,11 @@ class PPOTrainer:
             per_token = per_token + self.kl_ctl.value * kl_estimate(logprobs, ref, cfg.kl_estimator)
         loss = (w * per_token).sum()
         with torch.no_grad():
-            entropy = entropy_from_logprobs(logp_all.detach())  # (m, R)
+            # One row at a time: the entropy's (R, V) temporaries would otherwise rival the
+            # logits themselves in memory.
+            entropy = torch.stack(
+                [entropy_from_logprobs(row) for row in logp_all.detach()]
+            )  # (m, R)
             sums = torch.stack(
                 [
                     (w * pg).sum(),

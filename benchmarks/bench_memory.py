@@ -1,0 +1,258 @@
+"""Peak memory and seconds of one PPO step: rlhf (full, LoRA, LoRA with a LoRA reward model on the
+same base) against TRL 1.12.0's PPOTrainer, on a GPT-2-124M-shaped model on the CPU.
+
+Shapes: B batch (prompts), R response tokens, V vocabulary.
+
+Run from the repository root in the bench venv (see benchmarks/README.md):
+
+    python benchmarks/bench_memory.py [--batches 8,32] [--responses 32,64] [--json out.json]
+
+Every measurement runs in its own fresh Python process, which builds its models and runs one PPO
+step (rollout, 4 epochs over one minibatch, optimizer step); the process's peak resident set size
+(`ru_maxrss`) is read at the end, and again just before the models are built (the baseline: the
+interpreter with torch, transformers and, for TRL, trl and its imports). Both are reported; the
+ratios compare peaks.
+
+The model is GPT-2 124M's shape (12 layers x 768 wide x 12 heads, 1,024 positions, a 50,257-token
+vocabulary), random init, dropout 0, float32. Its tokenizer is the project's 1,024-token BPE plus
+added placeholder tokens up to 50,257, so that every sampled id decodes. Every model of a side is
+its own copy of the same weights, as a user would load them: TRL a policy, a reference, a reward
+and a value model (`GPT2ForSequenceClassification`); rlhf a policy with its value head on the trunk,
+a reference and a `RewardModel` (full); the policy with LoRA adapters (rank 16, every linear layer)
+whose adapters-off self is the reference, and a reward model (LoRA); and, in the third, a reward
+model that is a second adapter with its head on the policy's base (LoRA + LoRA RM).
+
+Settings on both sides: the same B prompts of 6 tokens, R response tokens always sampled (TRL has
+no stop token; our random-init model never emits EOS, checked), temperature 1, 4 PPO epochs, 1
+minibatch, AdamW, torch threads 2. TRL: per_device_train_batch_size = local_rollout_forward_batch_size
+= B, gradient_accumulation_steps 1, no checkpointing, no saving, no generations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+warnings.filterwarnings("ignore")
+
+VOCAB, LAYERS, WIDTH, HEADS = 50257, 12, 768, 12
+SIDES = ("trl", "rlhf_full", "rlhf_full_micro", "rlhf_lora", "rlhf_lora_shared_rm")
+LABELS = {
+    "trl": "TRL 1.12.0 PPOTrainer",
+    "rlhf_full": "rlhf, full fine-tuning",
+    "rlhf_full_micro": "rlhf, full, --micro-batch-size 4 --rollout-batch-size 8",
+    "rlhf_lora": "rlhf, LoRA r=16",
+    "rlhf_lora_shared_rm": "rlhf, LoRA + LoRA reward model on the same base",
+}
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----- worker: one side, one configuration, in a fresh process ----------------------------------
+def build(seed: int = 0):
+    import torch
+    from transformers import GPT2Config
+
+    from rlhf.task import corpus
+    from rlhf.task.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([r.text for r in corpus.generate_reviews(3000, seed=seed)], 1024)
+    tok.add_tokens([f"<extra_{i}>" for i in range(VOCAB - len(tok))])
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=1024, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return tok, config
+
+
+def lm(config):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)  # every copy holds the same weights
+    return GPT2LMHeadModel(config).eval()
+
+
+def run_rlhf(side: str, tok, config, batch: int, response: int) -> dict:
+    import torch
+    from peft import LoraConfig
+
+    from rlhf.models.lora import LoraArgs, apply_lora
+    from rlhf.models.reward_model import RewardModel
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.trainer import PPOTrainer
+
+    micro = side == "rlhf_full_micro"
+    cfg = PPOConfig(
+        steps=10, batch_size=batch, minibatch_size=batch, ppo_epochs=4, response_tokens=response,
+        lr=1e-5, kl_coef=0.05, micro_batch_size=4 if micro else 0,
+        rollout_batch_size=8 if micro else 0,
+    )  # fmt: skip
+    lora = LoraArgs(lora_r=16, lora_alpha=32.0)
+    if side in ("rlhf_full", "rlhf_full_micro"):
+        policy, ref = lm(config), lm(config)
+        reward = RewardModel(lm(config), tokenizer=tok)
+    elif side == "rlhf_lora":
+        policy, ref = apply_lora(lm(config), lora), None
+        reward = RewardModel(apply_lora(lm(config), lora, seed=1), tokenizer=tok)
+    else:  # the reward model is a second adapter (and its head) on the policy's base
+        policy, ref = apply_lora(lm(config), lora), None
+        policy.add_adapter(
+            "reward",
+            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", fan_in_fan_out=True),
+        )
+        policy.set_adapter("default")
+        reward = RewardModel(policy, tokenizer=tok, adapter_name="reward")
+    trainer = PPOTrainer(policy, ref, reward, tok, cfg)
+    prompts = ["the acting was superb and"] * batch
+    t0 = time.perf_counter()
+    trainer.step(prompts)
+    seconds = time.perf_counter() - t0
+    sampled = trainer.last_rollout.R
+    ended = sum(trainer.last_rollout.ended)
+    del trainer
+    return {
+        "step_s": seconds,
+        "sampled_tokens": sampled,
+        "ended": ended,
+        "torch": torch.__version__,
+    }
+
+
+def run_trl(tok, config, batch: int, response: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import GPT2ForSequenceClassification, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+    from trl.experimental.ppo import PPOTrainer as TRLPPOTrainer
+
+    def classifier():
+        cls_config = copy.deepcopy(config)
+        cls_config.num_labels = 1
+        model = GPT2ForSequenceClassification(cls_config)
+        model.transformer.load_state_dict(lm(config).transformer.state_dict())
+        return model.eval()
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+
+    dataset = Dataset.from_dict(
+        {"input_ids": [tok("the acting was superb and")["input_ids"]] * batch}
+    )
+    args = TRLPPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-mem-trl-"), report_to="none", save_strategy="no",
+        eval_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        learning_rate=1e-5, lr_scheduler_type="constant", num_ppo_epochs=4, num_mini_batches=1,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=batch, response_length=response, stop_token=None,
+        stop_token_id=None, missing_eos_penalty=None, temperature=1.0, kl_coef=0.05,
+        num_sample_generations=0, total_episodes=batch, disable_tqdm=True, logging_steps=1, seed=0,
+    )  # fmt: skip
+    clock = Clock()
+    trainer = TRLPPOTrainer(
+        args=args, processing_class=tok, model=lm(config), ref_model=lm(config),
+        reward_model=classifier(), value_model=classifier(), train_dataset=dataset,
+        callbacks=[clock],
+    )  # fmt: skip
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.train()
+    return {"step_s": clock.seconds, "sampled_tokens": response, "torch": torch.__version__}
+
+
+def worker(side: str, batch: int, response: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if side == "trl":
+        import trl.experimental.ppo  # noqa: F401  (its imports count in TRL's baseline)
+    import rlhf.rl.trainer  # noqa: F401
+
+    tok, config = build()
+    baseline = peak_mib()
+    result = (
+        run_trl(tok, config, batch, response)
+        if side == "trl"
+        else run_rlhf(side, tok, config, batch, response)
+    )
+    result.update(
+        side=side, batch=batch, response=response, baseline_mib=baseline, peak_mib=peak_mib()
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----- driver ---------------------------------------------------------------------------------------
+def measure(side: str, batch: int, response: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--batches", str(batch), "--responses", str(response), "--threads", str(threads)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{side} B={batch} R={response} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
+    parser.add_argument("--responses", default="32,64", help="comma-separated response lengths")
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write every result here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    batches = [int(x) for x in args.batches.split(",")]
+    responses = [int(x) for x in args.responses.split(",")]
+    if args.worker:
+        worker(args.worker, batches[0], responses[0], args.threads)
+        return 0
+    sides = args.sides.split(",")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    results = []
+    for batch in batches:
+        for response in responses:
+            rows = {side: measure(side, batch, response, args.threads) for side in sides}
+            results += rows.values()
+            trl = rows.get("trl")
+            print(
+                f"\nB={batch} prompts, R={response} response tokens (torch {next(iter(rows.values()))['torch']})"
+            )
+            print("| | peak RSS (MiB) | of which baseline | peak / TRL's | s per step | / TRL's |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for side, r in rows.items():
+                ratio = f"{r['peak_mib'] / trl['peak_mib']:.2f}x" if trl else "n/a"
+                speed = f"{r['step_s'] / trl['step_s']:.2f}x" if trl else "n/a"
+                print(
+                    f"| {LABELS[side]} | {r['peak_mib']:.0f} | {r['baseline_mib']:.0f} | {ratio} | {r['step_s']:.1f} | {speed} |"
+                )
+                if side != "trl" and r["sampled_tokens"] != response:
+                    print(f"  (note: {side} sampled {r['sampled_tokens']} tokens, not {response})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,9 @@ step (rollout, 4 epochs over one minibatch, optimizer step); the process's peak 
 interpreter with torch, transformers and, for TRL, trl and its imports). Both are reported; the
 ratios compare peaks.
 
+"lean" rows add --micro-batch-size 4 --rollout-batch-size 4 --gradient-checkpointing, the options
+that trade time for memory without changing the update (tests/test_scale_up.py).
+
 The model is GPT-2 124M's shape (12 layers x 768 wide x 12 heads, 1,024 positions, a 50,257-token
 vocabulary), random init, dropout 0, float32. Its tokenizer is the project's 1,024-token BPE plus
 added placeholder tokens up to 50,257, so that every sampled id decodes. Every model of a side is
@@ -47,13 +50,25 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 warnings.filterwarnings("ignore")
 
 VOCAB, LAYERS, WIDTH, HEADS = 50257, 12, 768, 12
-SIDES = ("trl", "rlhf_full", "rlhf_full_micro", "rlhf_lora", "rlhf_lora_shared_rm")
+# rlhf's sides: (LoRA, reward model as a second adapter on the policy's base, lean options).
+# "lean" is --micro-batch-size 4 --rollout-batch-size 4 --gradient-checkpointing.
+OURS = {
+    "rlhf_full": (False, False, False),
+    "rlhf_full_lean": (False, False, True),
+    "rlhf_lora": (True, False, False),
+    "rlhf_lora_lean": (True, False, True),
+    "rlhf_lora_shared_rm": (True, True, False),
+    "rlhf_lora_shared_rm_lean": (True, True, True),
+}
+SIDES = ("trl", *OURS)
 LABELS = {
     "trl": "TRL 1.12.0 PPOTrainer",
     "rlhf_full": "rlhf, full fine-tuning",
-    "rlhf_full_micro": "rlhf, full, --micro-batch-size 4 --rollout-batch-size 8",
+    "rlhf_full_lean": "rlhf, full, lean",
     "rlhf_lora": "rlhf, LoRA r=16",
+    "rlhf_lora_lean": "rlhf, LoRA r=16, lean",
     "rlhf_lora_shared_rm": "rlhf, LoRA + LoRA reward model on the same base",
+    "rlhf_lora_shared_rm_lean": "rlhf, LoRA + LoRA reward model on the same base, lean",
 }
 
 
@@ -97,25 +112,25 @@ def run_rlhf(side: str, tok, config, batch: int, response: int) -> dict:
     from rlhf.rl.config import PPOConfig
     from rlhf.rl.trainer import PPOTrainer
 
-    micro = side == "rlhf_full_micro"
+    use_lora, shared_rm, lean = OURS[side]
     cfg = PPOConfig(
         steps=10, batch_size=batch, minibatch_size=batch, ppo_epochs=4, response_tokens=response,
-        lr=1e-5, kl_coef=0.05, micro_batch_size=4 if micro else 0,
-        rollout_batch_size=8 if micro else 0,
+        lr=1e-5, kl_coef=0.05, micro_batch_size=4 if lean else 0,
+        rollout_batch_size=4 if lean else 0, gradient_checkpointing=lean,
     )  # fmt: skip
     lora = LoraArgs(lora_r=16, lora_alpha=32.0)
-    if side in ("rlhf_full", "rlhf_full_micro"):
+    if not use_lora:
         policy, ref = lm(config), lm(config)
         reward = RewardModel(lm(config), tokenizer=tok)
-    elif side == "rlhf_lora":
+    elif not shared_rm:  # the reference is the policy with its adapters off
         policy, ref = apply_lora(lm(config), lora), None
         reward = RewardModel(apply_lora(lm(config), lora, seed=1), tokenizer=tok)
-    else:  # the reward model is a second adapter (and its head) on the policy's base
+    else:  # and the reward model is a second adapter (and its head) on the policy's base
         policy, ref = apply_lora(lm(config), lora), None
-        policy.add_adapter(
-            "reward",
-            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", fan_in_fan_out=True),
+        reward_adapter = LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", fan_in_fan_out=True
         )
+        policy.add_adapter("reward", reward_adapter)
         policy.set_adapter("default")
         reward = RewardModel(policy, tokenizer=tok, adapter_name="reward")
     trainer = PPOTrainer(policy, ref, reward, tok, cfg)
@@ -203,7 +218,7 @@ def worker(side: str, batch: int, response: int, threads: int) -> None:
 
 # ----- driver ---------------------------------------------------------------------------------------
 def measure(side: str, batch: int, response: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--batches", str(batch), "--responses", str(response), "--threads", str(threads)]  # fmt: skip
+    cmd = [sys.executable, __file__, "--worker", side, "--grid", f"{batch}x{response}", "--threads", str(threads)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -213,41 +228,38 @@ def measure(side: str, batch: int, response: int, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
-    parser.add_argument("--responses", default="32,64", help="comma-separated response lengths")
+    parser.add_argument("--grid", default="8x32,32x32,8x64", help="batch x response-length points")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write every result here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    batches = [int(x) for x in args.batches.split(",")]
-    responses = [int(x) for x in args.responses.split(",")]
+    grid = [tuple(int(n) for n in point.split("x")) for point in args.grid.split(",")]
     if args.worker:
-        worker(args.worker, batches[0], responses[0], args.threads)
+        worker(args.worker, *grid[0], args.threads)
         return 0
     sides = args.sides.split(",")
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
     )
     results = []
-    for batch in batches:
-        for response in responses:
-            rows = {side: measure(side, batch, response, args.threads) for side in sides}
-            results += rows.values()
-            trl = rows.get("trl")
+    for batch, response in grid:
+        rows = {side: measure(side, batch, response, args.threads) for side in sides}
+        results += rows.values()
+        trl = rows.get("trl")
+        version = next(iter(rows.values()))["torch"]
+        print(f"\nB={batch} prompts, R={response} response tokens (torch {version})")
+        print("| | peak RSS (MiB) | of which baseline | peak / TRL's | s per step | / TRL's |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for side, r in rows.items():
+            ratio = f"{r['peak_mib'] / trl['peak_mib']:.2f}x" if trl else "n/a"
+            speed = f"{r['step_s'] / trl['step_s']:.2f}x" if trl else "n/a"
             print(
-                f"\nB={batch} prompts, R={response} response tokens (torch {next(iter(rows.values()))['torch']})"
+                f"| {LABELS[side]} | {r['peak_mib']:.0f} | {r['baseline_mib']:.0f} | {ratio} "
+                f"| {r['step_s']:.1f} | {speed} |"
             )
-            print("| | peak RSS (MiB) | of which baseline | peak / TRL's | s per step | / TRL's |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for side, r in rows.items():
-                ratio = f"{r['peak_mib'] / trl['peak_mib']:.2f}x" if trl else "n/a"
-                speed = f"{r['step_s'] / trl['step_s']:.2f}x" if trl else "n/a"
-                print(
-                    f"| {LABELS[side]} | {r['peak_mib']:.0f} | {r['baseline_mib']:.0f} | {ratio} | {r['step_s']:.1f} | {speed} |"
-                )
-                if side != "trl" and r["sampled_tokens"] != response:
-                    print(f"  (note: {side} sampled {r['sampled_tokens']} tokens, not {response})")
+            if side != "trl" and r["sampled_tokens"] != response:
+                print(f"  (note: {side} sampled {r['sampled_tokens']} tokens, not {response})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -153,6 +153,11 @@ def test_reinforce_pp_returns_hand_values() -> None:
     close(
         reinforce_pp_returns(PP_REWARDS, PP_MASK, gamma=0.5), [[-0.025, 0.15, 0.7], [0.5, 0.0, 0.0]]
     )
+    # Padding holding inf or nan changes nothing (0 * inf would be nan).
+    for garbage in (float("inf"), float("nan")):
+        rewards = PP_REWARDS.clone()
+        rewards[1, 1:] = garbage
+        close(reinforce_pp_returns(rewards, PP_MASK), [[0.4, 0.5, 0.7], [0.5, 0.0, 0.0]])
 
 
 def test_reinforce_pp_advantage_is_the_global_whitening_of_the_returns() -> None:
@@ -288,12 +293,12 @@ def test_ipo_hand_values_with_and_without_length_normalisation() -> None:
     losses, chosen, rejected = dpo_loss(POL_C, POL_R, REF_C, REF_R, beta=0.5, loss_type="ipo")
     close(losses, [1.0, 1.0])
     close(chosen, [0.5, 0.0])  # implicit rewards are never length-normalised
-    # Per token (chosen 2 tokens, rejected 4): 1 / 2 - (-1 / 4) = 0.75 -> (0.75 - 1)^2 = 0.0625.
+    # Per token (chosen 2 tokens, rejected 5): 1 / 2 - (-1 / 5) = 0.7 -> (0.7 - 1)^2 = 0.09.
     losses, chosen, _ = dpo_loss(
         POL_C, POL_R, REF_C, REF_R, beta=0.5, loss_type="ipo",
-        chosen_lengths=torch.tensor([2.0, 3.0]), rejected_lengths=torch.tensor([4.0, 1.0]),
+        chosen_lengths=torch.tensor([2.0, 3.0]), rejected_lengths=torch.tensor([5.0, 1.0]),
     )  # fmt: skip
-    close(losses, [0.0625, 1.0])
+    close(losses, [0.09, 1.0])
     close(chosen, [0.5, 0.0])
 
 

@@ -117,6 +117,9 @@ def test_kl_on_fresh_samples_is_the_k1_sum_over_response_tokens(tiny_tokenizer, 
     from rlhf.task.gold import GoldJudge
 
     other = type(tiny_lm)(tiny_lm.config).eval()  # different random weights
+    with torch.no_grad():  # make EOS likely, so that some samples end early and padding follows
+        w_eos = tiny_lm.transformer.wte.weight[tiny_tokenizer.eos_token_id]
+        tiny_lm.transformer.ln_f.bias.copy_(4 * w_eos / w_eos.pow(2).sum())
     cfg = DPOConfig(eval_response_tokens=6, seed=3)
     prompts = ["the phone was", "the plot"]
     result = sample_gold_and_kl(
@@ -138,6 +141,7 @@ def test_kl_on_fresh_samples_is_the_k1_sum_over_response_tokens(tiny_tokenizer, 
             for t in range(int(keep[b].sum())):
                 token = response[b, t]
                 total += (lp[P - 1 + t, token] - lq[P - 1 + t, token]).item()
+    assert 0 < int(keep[0].sum()) < 6 or 0 < int(keep[1].sum()) < 6  # padding to ignore
     assert math.isclose(result["kl"], total / 2, abs_tol=1e-4)
     assert result["n_samples"] == 2
 
@@ -172,7 +176,14 @@ def test_dpo_cli_smoke(tmp_path, tiny_model_dir, capsys) -> None:
         (["--model", "NOPE"], "model folder does not exist"),
     ],
 )  # fmt: skip
-def test_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path, option, expected, capsys):
+def test_bad_options_are_one_line_exit_2_and_write_nothing(
+    tmp_path, option, expected, monkeypatch, capsys
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("rlhf.models.loading.load_causal_lm", no_loading)
+    monkeypatch.setattr("rlhf.task.default.base_model_dir", no_loading)
     out = tmp_path / "out"
     option = [str(tmp_path / o) if o in ("MISSING", "NOPE") else o for o in option]
     code = main(["dpo", "--out", str(out), *option])

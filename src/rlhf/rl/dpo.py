@@ -337,7 +337,9 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
                 }
                 logger.log(step, metrics)
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['dpo/accuracy']:.2f}")
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", acc=f"{metrics['dpo/accuracy']:.2f}", refresh=False
+                )
         bar.close()
 
         # 5. Held-out accuracy after training; gold and KL on fresh samples for held-out prompts.

@@ -1,9 +1,11 @@
-"""Pure tensor math for RLHF: masked statistics, log-probs, KL, GAE and the PPO / reward losses.
+"""Pure tensor math for RLHF: masked statistics, log-probs, KL, advantage estimators (GAE and the
+critic-free group baselines), loss aggregation, and the PPO / reward / DPO losses.
 
 Every function is tensor in, tensor out: no models, no I/O, no global state.
 
 Shape letters used in comments:
-    B  batch (sequences, or preference pairs for the reward loss)
+    B  batch (sequences, or preference pairs for the reward and DPO losses)
+    G  groups (prompts) of k samples each, B = G * k, a prompt's samples in consecutive rows
     T  tokens (any sequence axis)
     R  response tokens (the generated part, right-padded after EOS)
     V  vocabulary
@@ -20,6 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import ConfigError
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
@@ -178,6 +182,139 @@ def compute_gae(
     return advantages, advantages + values
 
 
+def reinforce_pp_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ (Hu et al. 2025) returns-to-go: (B, R), (B, R) -> (B, R), 0 at masked positions.
+
+    `rewards` are per token: -beta * KL at every response token, plus the sequence's score at its
+    last token (as PPO builds them). G_t = r_t + gamma * G_{t+1}, with no value baseline; rewards at
+    masked positions count as 0 and `mask` must be a suffix mask (right padding after EOS).
+    The advantage is then `masked_whiten(returns, mask)` over every real token of the whole batch:
+    the global mean is subtracted and the result scaled to unit variance, as OpenRLHF's `reinforce`
+    estimator and verl's `compute_reinforce_plus_plus_outcome_advantage` do (OpenRLHF uses the
+    biased variance, verl and `masked_var` the unbiased one: a factor sqrt(n / (n - 1)) over n
+    tokens). For several micro-batches or ranks the mean and variance must be the batch's, not each
+    piece's.
+    """
+    keep = mask.to(rewards.dtype)  # (B, R)
+    rewards = _zero_masked(rewards, mask)  # (B, R)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    reversed_returns = []
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * keep[:, t]  # (B,)
+        reversed_returns.append(running)
+    return torch.stack(reversed_returns[::-1], dim=1)  # (B, R)
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free group baselines: k samples per prompt, in consecutive rows
+# ---------------------------------------------------------------------------------------------
+
+
+def check_samples_per_prompt(
+    k: int, n_rows: int | None = None, method: str = "a group baseline"
+) -> None:
+    """`ConfigError` unless k >= 2 and k divides `n_rows` (the number of sequences in a batch)."""
+    if k < 2:
+        raise ConfigError(
+            f"--samples-per-prompt {k}: {method} needs at least 2 samples per prompt, because each "
+            "sample's baseline comes from the other samples of its prompt and one sample has none"
+        )
+    if n_rows is not None and n_rows % k:
+        raise ConfigError(
+            f"--samples-per-prompt {k} must divide the number of sequences in the batch ({n_rows}): "
+            "the samples of one prompt fill k consecutive rows"
+        )
+
+
+def _grouped(scores: Tensor, k: int, method: str) -> Tensor:
+    """(B,) -> (G, k), after checking k."""
+    check_samples_per_prompt(k, scores.shape[0], method)
+    return scores.reshape(-1, k)  # (G, k)
+
+
+def rloo_advantages(scores: Tensor, k: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): each score minus the mean of the other k - 1 of its prompt.
+
+    (B,) -> (B,). Computed as k / (k - 1) * (score - group mean), which is the same number
+    (sum of the others = k * mean - score) without subtracting two large sums.
+    """
+    grouped = _grouped(scores, k, "rloo")  # (G, k)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, k)
+    return (centred * (k / (k - 1))).reshape(-1)  # (B,)
+
+
+def group_normalised_advantages(
+    scores: Tensor, k: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """GRPO (Shao et al. 2024): (score - group mean) / (group std + eps); (B,) -> (B,).
+
+    The std is the unbiased (Bessel-corrected, divide by k - 1) one, as in TRL's GRPOTrainer
+    (`nanstd`), verl's `compute_grpo_outcome_advantage` and OpenRLHF's `group_norm` (`torch.std`);
+    the paper does not say. eps = 1e-6 is verl's (TRL 1e-4): a group of equal scores gets 0.
+    `scale_by_std=False` is Dr. GRPO (Liu et al. 2025): the score minus the group mean only.
+    """
+    grouped = _grouped(scores, k, "grpo" if scale_by_std else "dr_grpo")  # (G, k)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, k)
+    if scale_by_std:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)  # (G, k)
+    return centred.reshape(-1)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a per-token loss to a scalar
+# ---------------------------------------------------------------------------------------------
+
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LOSS_AGGREGATIONS: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+
+def aggregate_loss_parts(
+    per_token_loss: Tensor, mask: Tensor, mode: LossAggregation, norm_length: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Numerator and denominator of `aggregate_loss`: (B, R), (B, R) -> (scalar, scalar).
+
+    Both are sums over rows, so for a batch cut into micro-batches (or spread over ranks) the
+    numerators add up to the whole batch's and so do the denominators: the loss of a piece is
+    its numerator divided by the *global* denominator (which depends only on the masks, so it is
+    known before any backward pass), and the gradients of the pieces add up to the whole batch's
+    gradient whatever the split (verl's `agg_loss` takes the global counts for the same reason).
+
+    token-mean               sum of real tokens' losses / number of real tokens (PPO, DAPO)
+    seq-mean-token-mean      sum over rows of (the row's token mean) / number of rows (GRPO)
+    seq-mean-token-sum-norm  sum over rows of (the row's token sum / norm_length) / number of rows
+                             (Dr. GRPO; norm_length a constant such as the longest allowed
+                             response, never the padded width of a piece, which varies)
+
+    Rows without a real token (padding rows) count in no denominator.
+    """
+    per_token = _zero_masked(per_token_loss, mask)  # (B, R)
+    tokens = mask.to(per_token.dtype).sum(dim=1)  # (B,)
+    rows = (tokens > 0).to(per_token.dtype).sum()  # ()
+    if mode == "token-mean":
+        return per_token.sum(), tokens.sum()
+    if mode == "seq-mean-token-mean":
+        return (per_token.sum(dim=1) / tokens.clamp(min=1)).sum(), rows
+    if mode == "seq-mean-token-sum-norm":
+        if norm_length is None or norm_length <= 0:
+            raise ValueError("seq-mean-token-sum-norm needs norm_length, a positive constant")
+        return per_token.sum() / norm_length, rows
+    raise ValueError(
+        f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}"
+    )
+
+
+def aggregate_loss(
+    per_token_loss: Tensor, mask: Tensor, mode: LossAggregation, norm_length: int | None = None
+) -> Tensor:
+    """A per-token loss (B, R) as one scalar, by `mode` (see `aggregate_loss_parts`); 0 if empty."""
+    numerator, denominator = aggregate_loss_parts(per_token_loss, mask, mode, norm_length)
+    return numerator / denominator.clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +410,51 @@ def bradley_terry_loss(
     if margin is not None:
         diff = diff - margin  # (B,)
     return -F.logsigmoid(diff).mean()
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO loss per pair and implicit rewards: (B,) x4 -> (losses, chosen_rewards, rejected_rewards).
+
+    Inputs are sequence log-probs (summed over response tokens). With the log-ratios
+    c = logp_chosen - ref_chosen and r = logp_rejected - ref_rejected:
+      sigmoid  (Rafailov et al. 2023): -log sigmoid(beta (c - r)); with label_smoothing eps the
+               conservative form (Mitchell 2023, "cDPO"):
+               -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))
+      ipo      (Azar et al. 2023, eq. 17, tau = beta): (c - r - 1 / (2 beta))^2. When the lengths
+               (response tokens, (B,)) are given, c and r are first divided by them: TRL does this
+               (a summed log-ratio makes the square grow with length; TRL reports the IPO authors
+               confirmed it); without lengths it is the paper's formula on the sums.
+    The implicit rewards are beta * c and beta * r (not length-normalised), detached.
+    """
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps  # (B,)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps  # (B,)
+    if loss_type == "sigmoid":
+        logits = beta * (chosen_ratio - rejected_ratio)  # (B,)
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
+            -logits
+        )  # (B,)
+    elif loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid loss only, not ipo")
+        if chosen_lengths is not None and rejected_lengths is not None:
+            chosen_ratio = chosen_ratio / chosen_lengths.clamp(min=1)  # (B,)
+            rejected_ratio = rejected_ratio / rejected_lengths.clamp(min=1)  # (B,)
+        losses = (chosen_ratio - rejected_ratio - 1 / (2 * beta)).pow(2)  # (B,)
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; choose sigmoid or ipo")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()  # (B,)
+    return losses, chosen_rewards, rejected_rewards
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

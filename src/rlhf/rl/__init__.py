@@ -6,4 +6,5 @@ inputs      loading and checking a run's prompts and models
 run         `train_ppo` (`rlhf ppo`), `ppo_step`, the prompt stream, Ctrl-C handling
 checkpoint  atomic checkpoints and exact resume
 detector    `HackingDetector`, the live reward-hacking warning
+dpo         `train_dpo` (`rlhf dpo`): Direct Preference Optimization, no reward model
 """

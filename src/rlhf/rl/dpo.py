@@ -1,0 +1,371 @@
+"""`rlhf dpo`: Direct Preference Optimization (Rafailov et al. 2023; IPO, Azar et al. 2023) from
+the same preference pairs as `rlhf train-reward`, against a frozen reference, with no reward model.
+
+Shapes: B pairs (2B sequences: the chosen rows, then the rejected rows), T tokens, R response
+tokens, V vocabulary.
+
+A pair's log-probability under a model is the sum over its response tokens (the prompt is masked
+out) of log p(token | everything before it). The reference's log-probs are computed once, up
+front. Held-out implicit-reward accuracy is measured before and after training; on the built-in
+task the trained policy is also sampled on held-out prompts and scored by the gold judge, with its
+KL to the reference measured the way PPO's `objective/kl` is (k1 summed over response tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..core import dpo_loss, logprobs_from_logits
+from ..data import atomic_write_json, read_preferences, write_preferences
+from ..errors import ConfigError
+from ..models.forward import autocast, position_ids_from_mask
+from ..models.generation import pad_right
+from ..reward.loss import encode_texts
+from ..reward.preferences import _Pairs, _pairs_from_file, _pairs_from_records
+from ..reward.train import _split_sizes
+from ..tracking import RunLogger, progress_bar, save_config, set_seed
+
+
+@dataclass
+class DPOConfig:
+    """Options of `rlhf dpo`."""
+
+    out: str = "runs/dpo"
+    """output folder: policy/, config.json, metrics.jsonl, dpo_eval.json"""
+    data: str | None = None
+    """preference JSONL ({prompt, response_A, response_B, preference} or {prompt, chosen, rejected}); default: generated from the built-in task as `rlhf train-reward` makes them (margins are ignored)"""
+    model: str | None = None
+    """Hugging Face folder of the policy to start from (the SFT model); default: the built-in base model"""
+    ref_model: str | None = None
+    """frozen reference model folder; default: the same weights as --model"""
+    beta: float = 0.1
+    """strength of the KL constraint (DPO's beta; IPO's tau)"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (DPO) or ipo (squared loss on per-token log-ratios, as TRL)"""
+    label_smoothing: float = 0.0
+    """assumed rate of flipped labels for the sigmoid loss (conservative DPO); 0: off"""
+    lr: float = 1e-5
+    """AdamW learning rate (linear decay to zero)"""
+    epochs: int = 1
+    """passes over the training pairs"""
+    batch_size: int = 32
+    """pairs per optimizer step"""
+    max_length: int = 256
+    """longest tokenised prompt + response; longer ones are cut from the left (the prompt first)"""
+    eval_fraction: float = 0.1
+    """share of pairs held out for the implicit-reward accuracy"""
+    n_pairs: int = 6000
+    """pairs to generate for the built-in task (as `rlhf train-reward`)"""
+    label_temperature: float = 0.05
+    """Bradley-Terry temperature of the simulated labeller for generated pairs"""
+    response_tokens: int = 40
+    """longest sampled response when generating pairs, in tokens"""
+    gold: bool | None = None
+    """sample held-out prompts and score them with the gold judge (default: on for the built-in task)"""
+    eval_samples: int = 256
+    """held-out prompts sampled for the gold score and the KL to the reference"""
+    eval_response_tokens: int = 24
+    """longest sampled response for the gold/KL evaluation (PPO's default, for the same frontier)"""
+    seed: int = 0
+    """seed for generation, splitting, batches and evaluation samples"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    cache_dir: str | None = None
+    """where the built-in base model is cached"""
+    trust_remote_code: bool = False
+    """allow model folders to run their own Python code (only for models you trust)"""
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "max_length", "n_pairs", "response_tokens",
+                     "eval_response_tokens"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
+                )
+        loss_types = typing.get_args(typing.get_type_hints(DPOConfig)["loss_type"])
+        problems = [
+            (self.eval_samples < 0, f"--eval-samples must be >= 0 (0: no gold/KL samples), got {self.eval_samples}"),
+            (not (self.beta > 0 and math.isfinite(self.beta)), f"--beta must be a positive number, got {self.beta}"),
+            (not self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (not 0 < self.eval_fraction < 1, f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}"),
+            (self.label_temperature < 0, f"--label-temperature must be >= 0, got {self.label_temperature}"),
+            (self.loss_type not in loss_types, f"--loss-type must be one of {', '.join(loss_types)}, got {self.loss_type!r}"),
+            (not 0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (self.label_smoothing != 0 and self.loss_type != "sigmoid", "--label-smoothing applies to --loss-type sigmoid only"),
+        ]  # fmt: skip
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(message)
+
+
+def encode_pairs(tokenizer, pairs: _Pairs, max_length: int) -> tuple[list, list, int]:
+    """Token rows of prompt + chosen and prompt + rejected, each with its response-token mask.
+
+    The rows are `encode_texts`' (the reward model's encoding: prompt, response, EOS). The prompt
+    is the longest common prefix of the row and the prompt's own tokens, so a BPE merge across the
+    boundary counts as response. Over-long rows lose tokens from the left. Returns
+    (chosen [(ids, response_mask)], rejected [...], number of rows cut).
+    """
+    prompt_rows = tokenizer(list(pairs.prompts))["input_ids"]
+    cut = 0
+    encoded = []
+    for responses in (pairs.chosen, pairs.rejected):
+        rows, _ = encode_texts(tokenizer, pairs.prompts, responses, 10**9)
+        side = []
+        for row, prompt in zip(rows, prompt_rows):
+            n = next(
+                (i for i, (a, b) in enumerate(zip(row, prompt)) if a != b),
+                min(len(row), len(prompt)),
+            )
+            drop = max(0, len(row) - max_length)
+            cut += drop > 0
+            # Position 0 predicts nothing, so at least the first kept token is context.
+            n_context = max(1, n - drop)
+            side.append((row[drop:], [0] * n_context + [1] * (len(row) - drop - n_context)))
+        encoded.append(side)
+    return encoded[0], encoded[1], cut
+
+
+def sequence_logps(lm, rows: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of response-token log-probs and number of response tokens per row: (2B,), (2B,)."""
+    ids, mask = pad_right([r[0] for r in rows], pad_id, device)  # (N, T)
+    response, _ = pad_right([r[1] for r in rows], 0, device)  # (N, T)
+    with autocast(ids.device):
+        logits = lm(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        ).logits  # (N, T, V)  # fmt: skip
+    logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (N, T-1): token t+1 given <= t
+    keep = response[:, 1:].bool()  # (N, T-1)
+    return torch.where(keep, logp, torch.zeros_like(logp)).sum(1), keep.sum(1).float()  # (N,) x2
+
+
+@torch.no_grad()
+def batched_logps(
+    lm, chosen: list, rejected: list, pad_id: int, device, batch_size: int
+) -> torch.Tensor:
+    """Sequence log-probs (B, 2) of every pair, in batches: column 0 chosen, column 1 rejected."""
+    out = []
+    for s in range(0, len(chosen), batch_size):
+        logps, _ = sequence_logps(
+            lm, chosen[s : s + batch_size] + rejected[s : s + batch_size], pad_id, device
+        )
+        out.append(logps.view(2, -1).T)  # (b, 2)
+    return torch.cat(out)  # (B, 2)
+
+
+def implicit_reward_eval(
+    lm, chosen, rejected, ref_logps, pairs: _Pairs, cfg: DPOConfig, pad_id, device
+) -> dict:
+    """Held-out DPO loss, implicit-reward accuracy (ties count as wrong) and margin."""
+    logps = batched_logps(lm, chosen, rejected, pad_id, device, cfg.batch_size)  # (B, 2)
+    lengths = torch.tensor([[sum(c[1]), sum(r[1])] for c, r in zip(chosen, rejected)])  # (B, 2)
+    lengths = lengths.float().to(device)  # (B, 2)
+    losses, r_c, r_r = dpo_loss(
+        logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], cfg.beta, cfg.loss_type,
+        cfg.label_smoothing, lengths[:, 0], lengths[:, 1],
+    )  # fmt: skip
+    result = {
+        "n_pairs": len(pairs),
+        "loss": losses.mean().item(),
+        "accuracy": (r_c > r_r).float().mean().item(),
+        "margin": (r_c - r_r).mean().item(),
+    }
+    if pairs.gold_chosen is not None:  # against the noiseless gold ordering, as reward_eval.json
+        gold_diff = torch.tensor(pairs.gold_chosen) - torch.tensor(pairs.gold_rejected)  # (B,)
+        decided = gold_diff != 0
+        agree = torch.sign((r_c - r_r).cpu()) == torch.sign(gold_diff)  # (B,)
+        result["gold_accuracy"] = agree[decided].float().mean().item()
+    return result
+
+
+@torch.no_grad()
+def sample_gold_and_kl(
+    policy, ref, tokenizer, prompts: list[str], judge, cfg: DPOConfig, device
+) -> dict:
+    """Gold score and k1 KL(policy || ref) in nats per sequence on fresh temperature-1 samples."""
+    from ..core import response_mask_from_eos
+    from ..models.generation import decode_responses, encode_prompts, sample_responses
+
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    gold, kl = [], []
+    for s in range(0, len(prompts), 128):
+        chunk = prompts[s : s + 128]
+        ids, mask, _ = encode_prompts(tokenizer, chunk, device=device)  # (b, P)
+        with autocast(device):
+            response = sample_responses(
+                policy, ids, mask, cfg.eval_response_tokens, tokenizer.eos_token_id,
+                tokenizer.pad_token_id, generator=generator,
+            )  # (b, R)  # fmt: skip
+        response_mask = response_mask_from_eos(response, tokenizer.eos_token_id)  # (b, R)
+        full = torch.cat([ids, response], 1)  # (b, P+R)
+        full_mask = torch.cat([mask, response_mask.long()], 1)  # (b, P+R)
+        logps = []
+        for lm in (policy, ref):
+            with autocast(device):
+                logits = lm(
+                    input_ids=full, attention_mask=full_mask,
+                    position_ids=position_ids_from_mask(full_mask), use_cache=False,
+                ).logits  # (b, P+R, V)  # fmt: skip
+            P = ids.shape[1]
+            logps.append(logprobs_from_logits(logits[:, P - 1 : -1], response))  # (b, R)
+        kl += ((logps[0] - logps[1]) * response_mask).sum(1).tolist()  # k1, summed over tokens
+        texts, ended = decode_responses(tokenizer, response, tokenizer.eos_token_id)
+        gold += judge.score_batch(chunk, texts, ended)
+    return {"gold": sum(gold) / len(gold), "kl": sum(kl) / len(kl), "n_samples": len(gold)}
+
+
+def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
+    """Train a policy with DPO (or IPO), evaluate it and save it to `cfg.out`; returns dpo_eval.json."""
+    from ..models.loading import (
+        check_model_dir,
+        load_causal_lm,
+        load_tokenizer,
+        match_vocab,
+        pick_device,
+    )
+
+    cfg.validate()
+    device = pick_device(cfg.device)
+    start = time.perf_counter()
+    out = Path(cfg.out)
+
+    # 1. Check the inputs before any work: the data file, then the model folders.
+    file_pairs = read_preferences(cfg.data) if cfg.data else None
+    if file_pairs is not None:
+        _split_sizes(len(file_pairs), cfg.eval_fraction, cfg.data)
+    for directory in (cfg.model, cfg.ref_model):
+        if directory:
+            check_model_dir(directory)
+    if cfg.model:
+        policy_dir = Path(cfg.model)
+    else:
+        from ..task.default import base_model_dir
+
+        policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
+    tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    match_vocab(policy, tokenizer, policy_dir)
+    ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
+    ref = load_causal_lm(ref_dir, trust_remote_code=cfg.trust_remote_code)
+    match_vocab(ref, tokenizer, ref_dir)
+    ref.requires_grad_(False)
+    set_seed(cfg.seed)  # after loading: a cold cache trains the base model and draws from the RNG
+    policy.to(device)
+    ref.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(out, cfg)
+
+    # 2. Pairs: the user's file, or sampled from the base model and labelled by the gold judge.
+    if file_pairs is not None:
+        pairs = _pairs_from_file(file_pairs)
+    else:
+        from ..reward.preferences import create_preference_dataset
+
+        records = create_preference_dataset(
+            policy, tokenizer, n_pairs=cfg.n_pairs, label_temperature=cfg.label_temperature,
+            response_tokens=cfg.response_tokens, seed=cfg.seed, progress=progress,
+        )  # fmt: skip
+        write_preferences(out / "preferences.jsonl", records)
+        pairs = _pairs_from_records(records)
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)  # the same split as `rlhf train-reward` with this seed
+    n_eval = _split_sizes(len(pairs), cfg.eval_fraction, cfg.data)
+    eval_pairs, train_pairs = pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
+    pad = tokenizer.pad_token_id
+    chosen, rejected, n_cut = encode_pairs(tokenizer, train_pairs, cfg.max_length)
+    eval_chosen, eval_rejected, _ = encode_pairs(tokenizer, eval_pairs, cfg.max_length)
+    if n_cut:
+        print(
+            f"warning: cut {n_cut} sequences longer than --max-length {cfg.max_length} tokens from the left"
+        )
+
+    # 3. Reference log-probs, once; the held-out accuracy before training.
+    ref_logps = batched_logps(ref, chosen, rejected, pad, device, cfg.batch_size)  # (B, 2)
+    eval_ref_logps = batched_logps(
+        ref, eval_chosen, eval_rejected, pad, device, cfg.batch_size
+    )  # (B, 2)
+    result = {
+        "before": implicit_reward_eval(
+            policy, eval_chosen, eval_rejected, eval_ref_logps, eval_pairs, cfg, pad, device
+        )
+    }
+
+    # 4. DPO: AdamW, linear decay, gradient clipping; dropout stays off (as loaded).
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    total_steps = cfg.epochs * math.ceil(len(chosen) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bar = progress_bar(total=total_steps, desc=f"DPO (beta {cfg.beta:g})", disable=not progress)
+    step = 0
+    with RunLogger(out) as logger:
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(len(chosen), generator=generator).tolist()
+            for s in range(0, len(perm), cfg.batch_size):
+                idx = perm[s : s + cfg.batch_size]
+                logps, lengths = sequence_logps(
+                    policy, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, device
+                )  # (2B,) x2
+                b_ref = ref_logps[idx]  # (B, 2)
+                losses, r_c, r_r = dpo_loss(
+                    logps[: len(idx)], logps[len(idx) :], b_ref[:, 0], b_ref[:, 1], cfg.beta,
+                    cfg.loss_type, cfg.label_smoothing, lengths[: len(idx)], lengths[len(idx) :],
+                )  # (B,) x3  # fmt: skip
+                loss = losses.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                metrics = {
+                    "dpo/loss": loss.item(),
+                    "dpo/accuracy": (r_c > r_r).float().mean().item(),
+                    "dpo/margin": (r_c - r_r).mean().item(),
+                    "dpo/chosen_reward": r_c.mean().item(),
+                    "dpo/rejected_reward": r_r.mean().item(),
+                    "dpo/lr": scheduler.get_last_lr()[0],
+                    "dpo/epoch": epoch + s / len(perm),
+                }
+                logger.log(step, metrics)
+                bar.update()
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", acc=f"{metrics['dpo/accuracy']:.2f}", refresh=False
+                )
+        bar.close()
+
+        # 5. Held-out accuracy after training; gold and KL on fresh samples for held-out prompts.
+        result["after"] = implicit_reward_eval(
+            policy, eval_chosen, eval_rejected, eval_ref_logps, eval_pairs, cfg, pad, device
+        )
+        after = {
+            "dpo/eval_accuracy": result["after"]["accuracy"],
+            "dpo/eval_loss": result["after"]["loss"],
+        }
+        logger.log(step, after)
+        if (cfg.gold if cfg.gold is not None else cfg.data is None) and cfg.eval_samples:
+            from ..task import corpus
+            from ..task.gold import GoldJudge
+
+            prompts = corpus.prompts(cfg.eval_samples, seed=cfg.seed, split="eval")
+            judge = GoldJudge()
+            for name, lm in (("reference", ref), ("policy", policy)):
+                result[name] = sample_gold_and_kl(lm, ref, tokenizer, prompts, judge, cfg, device)
+            gold, kl = result["policy"]["gold"], result["policy"]["kl"]
+            logger.log(step, {"objective/gold": gold, "objective/kl": kl})
+
+    policy.save_pretrained(out / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(out / "policy")
+    result["n_train_pairs"] = len(train_pairs)
+    result["steps"] = step
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(out / "dpo_eval.json", result)
+    return result

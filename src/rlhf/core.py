@@ -315,6 +315,31 @@ def aggregate_loss(
     return numerator / denominator.clamp(min=1)
 
 
+def loss_token_weights(
+    mask: Tensor, mode: LossAggregation, norm_length: int | None = None
+) -> Tensor:
+    """Per-token weights (B, R) with sum(weights * loss) == aggregate_loss(loss, mask, mode).
+
+    Computed once for a whole minibatch from its masks: any piece of it (a micro-batch, one
+    process's share) then gets its exact part of the minibatch's loss as sum(w[piece] * loss[piece]),
+    so the gradients of the pieces add up to the whole minibatch's.
+    """
+    keep = mask.to(torch.float32)  # (B, R)
+    tokens = keep.sum(dim=1, keepdim=True)  # (B, 1)
+    rows = (tokens > 0).to(keep.dtype).sum().clamp(min=1)  # ()
+    if mode == "token-mean":
+        return keep / tokens.sum().clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return keep / tokens.clamp(min=1) / rows
+    if mode == "seq-mean-token-sum-norm":
+        if norm_length is None or norm_length <= 0:
+            raise ValueError("seq-mean-token-sum-norm needs norm_length, a positive constant")
+        return keep / norm_length / rows
+    raise ValueError(
+        f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------

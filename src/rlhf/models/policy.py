@@ -33,19 +33,22 @@ class PolicyWithValueHead(nn.Module):
     """A causal LM (the policy) sharing its trunk with a scalar value head.
 
     The value head starts at zero (ppo-details 15) so the first advantages are the raw returns.
+    With `value_head=False` (the critic-free estimators) there is none and the values are None.
     """
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, value_head: bool = True):
         super().__init__()
         self.lm = lm
-        self.value_head = nn.Linear(hidden_size_of(lm), 1, device=device_of(lm))
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = None
+        if value_head:
+            self.value_head = nn.Linear(hidden_size_of(lm), 1, device=device_of(lm))
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and values (B, T) for every position.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and values (B, T) for every position (None without a value head).
 
         With `logits_to_keep=K > 0` the logits cover only the last K positions, (B, K, V), where
         the model supports it (transformers' `logits_to_keep`): the LM head skips the prompt.
@@ -55,9 +58,13 @@ class PolicyWithValueHead(nn.Module):
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         if logits_to_keep and accepts_kwarg(self.lm, "logits_to_keep"):
             kwargs["logits_to_keep"] = logits_to_keep
-        out = self.lm(**kwargs, output_hidden_states=True)
-        hidden = out.hidden_states[-1]  # (B, T, H)
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
+        if self.value_head is None:
+            out = self.lm(**kwargs)
+            values = None
+        else:
+            out = self.lm(**kwargs, output_hidden_states=True)
+            hidden = out.hidden_states[-1]  # (B, T, H)
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
         logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
         return logits, values
 
@@ -74,7 +81,7 @@ class PolicyWithValueHead(nn.Module):
         path = Path(directory) / VALUE_HEAD_FILE
         if not path.is_file():
             raise InputError(
-                f"{path}: no value head here (written by `rlhf ppo` beside the policy)"
+                f"{path}: no value head here (`rlhf ppo` writes it beside the policy; a critic-free run has none: load_policy(folder, value_head=False))"
             )
         tensors = load_safetensors(path)
         if tensors["weight"].shape != self.value_head.weight.shape:
@@ -88,13 +95,17 @@ class PolicyWithValueHead(nn.Module):
 
 
 def load_policy(
-    directory: str | Path, trust_remote_code: bool = False, trainable: bool = True
+    directory: str | Path,
+    trust_remote_code: bool = False,
+    trainable: bool = True,
+    value_head: bool = True,
 ) -> PolicyWithValueHead:
     """A policy saved by `rlhf ppo` (its `policy/` folder): the causal LM with its value head.
 
     The LM alone loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer beside it with
     `AutoTokenizer.from_pretrained` (or `rlhf.models.load_tokenizer`). A LoRA policy's folder holds
-    its adapter: the base model it names is loaded and the adapter put on it.
+    its adapter: the base model it names is loaded and the adapter put on it. A critic-free run
+    (rloo, grpo, dr_grpo, reinforce_pp) saves no value head: load it with `value_head=False`.
     """
     base_dir = adapter_base(directory)
     if base_dir is None:
@@ -102,8 +113,9 @@ def load_policy(
     else:
         base = load_causal_lm(check_model_dir(base_dir), trust_remote_code=trust_remote_code)
         lm = load_adapter(base, directory, trainable=trainable)
-    policy = PolicyWithValueHead(lm)
-    policy.load_value_head(directory)
+    policy = PolicyWithValueHead(lm, value_head=value_head)
+    if value_head:
+        policy.load_value_head(directory)
     return policy
 
 
@@ -124,7 +136,8 @@ def save_policy(
     else:
         policy.lm.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    policy.save_value_head(directory)
+    if policy.value_head is not None:
+        policy.save_value_head(directory)
 
 
 class ValueModel(nn.Module):

@@ -14,7 +14,9 @@ from typing import Literal
 from ..errors import ConfigError
 from ..models.lora import LoraArgs
 
-KLEstimatorChoice = Literal["k1", "k2", "k3", "exact"]
+KLEstimatorChoice = Literal["auto", "k1", "k2", "k3", "exact"]
+CRITIC_FREE = ("rloo", "grpo", "dr_grpo", "reinforce_pp")
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
 
 
 @dataclass
@@ -43,10 +45,10 @@ class PPOConfig:
     """constant, or linear decay to zero over --steps (ppo-details 21)"""
     kl_coef: float = 0.1
     """KL penalty coefficient beta (initial value when --adaptive-kl)"""
-    kl_estimator: KLEstimatorChoice = "k1"
-    """per-token KL: k1, k2, k3 (Schulman 2020) on sampled tokens, or exact from full logits"""
-    kl_in: Literal["reward", "loss"] = "reward"
-    """put the KL penalty in the per-token reward (InstructGPT) or in the loss (GRPO-style, use k3)"""
+    kl_estimator: KLEstimatorChoice = "auto"
+    """per-token KL: k1, k2, k3 (Schulman 2020) on sampled tokens, or exact from full logits; auto: k1 in the reward, k3 in the loss"""
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    """put the KL penalty in the per-token reward (InstructGPT) or in the loss (GRPO-style); auto: the loss for grpo and dr_grpo, else the reward"""
     adaptive_kl: bool = False
     """adapt beta toward --target-kl (Ziegler et al. 2019)"""
     target_kl: float = 6.0
@@ -77,21 +79,61 @@ class PPOConfig:
     """recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype; frozen weights (reference, reward model, a LoRA policy's base) are stored in it. auto: bfloat16 on a CUDA GPU that has it, else float32"""
+    advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"] = "gae"
+    """gae: PPO's, with a value head; critic-free (no value head): rloo, grpo and dr_grpo (baselines from the other samples of a prompt, --samples-per-prompt 2 or more) and reinforce_pp (REINFORCE++); see docs/algorithms.md"""
+    samples_per_prompt: int = 1
+    """responses sampled per prompt: a step holds --batch-size x this many sequences, and --minibatch-size counts sequences"""
+    loss_aggregation: Literal[
+        "auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "auto"
+    """how per-token losses become one number; auto: token-mean, but seq-mean-token-mean for grpo and seq-mean-token-sum-norm (over --response-tokens) for dr_grpo, as their papers do"""
     value_model: Literal["shared", "reward"] = "shared"
     """value head on the policy's trunk, or a separate value network initialised from the reward model"""
     seed: int = 0
     """seed for prompts, sampling and minibatch order"""
 
+    def resolve(self) -> None:
+        """Replace each "auto" by what it stands for with the chosen estimator (in place)."""
+        group_normalised = self.advantage_estimator in ("grpo", "dr_grpo")
+        if self.kl_in == "auto":
+            self.kl_in = "loss" if group_normalised else "reward"
+        if self.kl_estimator == "auto":
+            self.kl_estimator = "k3" if self.kl_in == "loss" else "k1"
+        if self.loss_aggregation == "auto":
+            self.loss_aggregation = {
+                "grpo": "seq-mean-token-mean",
+                "dr_grpo": "seq-mean-token-sum-norm",
+            }.get(self.advantage_estimator, "token-mean")
+
+    @property
+    def rollout_rows(self) -> int:
+        """Sequences per step: every prompt of the batch, sampled --samples-per-prompt times."""
+        return self.batch_size * self.samples_per_prompt
+
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "response_tokens"):
+        self.resolve()
+        for name in (
+            "steps",
+            "batch_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "response_tokens",
+            "samples_per_prompt",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )
-        if self.batch_size % self.minibatch_size:
+        self._validate_estimator()
+        if self.rollout_rows % self.minibatch_size:
+            rows = (
+                f"--batch-size {self.batch_size}"
+                if self.samples_per_prompt == 1
+                else f"the {self.rollout_rows} sequences of a step (--batch-size x --samples-per-prompt)"
+            )
             raise ConfigError(
-                f"--minibatch-size {self.minibatch_size} must divide --batch-size {self.batch_size} "
-                f"(for example --minibatch-size {_largest_divisor(self.batch_size, self.minibatch_size)})"
+                f"--minibatch-size {self.minibatch_size} must divide {rows} "
+                f"(for example --minibatch-size {_largest_divisor(self.rollout_rows, self.minibatch_size)})"
             )
         if self.kl_coef < 0:
             raise ConfigError(f"--kl-coef must be >= 0, got {self.kl_coef}")
@@ -117,7 +159,10 @@ class PPOConfig:
                 f"--micro-batch-size {self.micro_batch_size} is larger than --minibatch-size "
                 f"{self.minibatch_size}; it splits a minibatch, so it must be at most that"
             )
-        for name in ("kl_estimator", "kl_in", "lr_schedule", "value_model", "dtype"):
+        for name in (
+            "kl_estimator", "kl_in", "lr_schedule", "value_model", "dtype", "advantage_estimator",
+            "loss_aggregation",
+        ):  # fmt: skip
             choices = typing.get_args(typing.get_type_hints(PPOConfig)[name])
             if getattr(self, name) not in choices:
                 raise ConfigError(
@@ -126,6 +171,17 @@ class PPOConfig:
         if self.kl_in == "loss" and self.kl_estimator == "exact":
             raise ConfigError(
                 "--kl-estimator exact works only with --kl-in reward; use k3 for a KL loss"
+            )
+
+    def _validate_estimator(self) -> None:
+        if self.advantage_estimator in GROUP_ESTIMATORS:
+            from ..core import check_samples_per_prompt
+
+            check_samples_per_prompt(self.samples_per_prompt, method=self.advantage_estimator)
+        if self.advantage_estimator in CRITIC_FREE and self.value_model == "reward":
+            raise ConfigError(
+                f"--value-model reward: --advantage-estimator {self.advantage_estimator} has no "
+                "value model (it is critic-free); leave --value-model out"
             )
 
 

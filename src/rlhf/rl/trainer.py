@@ -20,14 +20,13 @@ import torch
 from torch import nn
 
 from ..core import (
-    compute_gae,
     compute_kl_penalty,
     entropy_from_logprobs,
     explained_variance,
     kl_estimate,
     logprobs_from_logits,
+    loss_token_weights,
     masked_mean,
-    masked_whiten,
     policy_loss_per_token,
     response_mask_from_eos,
     value_loss_per_token,
@@ -47,7 +46,8 @@ from ..models.generation import decode_responses, encode_prompts, sample_respons
 from ..models.lora import is_peft
 from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
-from .config import AdaptiveKLController, FixedKLController, PPOConfig
+from .advantages import compute_advantages
+from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
 from .distributed import World
 from .rollout import Rollout, gather, join
 
@@ -104,8 +104,12 @@ class PPOTrainer:
                 "the reference and reward models must be separate copies of the policy "
                 "(for example copy.deepcopy(policy)); they are frozen, the policy is trained"
             )
+        # The critic-free estimators build no value head (and train none they are given).
+        self.critic_free = cfg.advantage_estimator in CRITIC_FREE
         self.policy = (
-            policy if isinstance(policy, PolicyWithValueHead) else PolicyWithValueHead(policy)
+            policy
+            if isinstance(policy, PolicyWithValueHead)
+            else PolicyWithValueHead(policy, value_head=not self.critic_free)
         )
         self.policy.eval()  # dropout off in the policy too; eval() does not stop gradients
         self.device = device_of(self.policy)
@@ -125,7 +129,11 @@ class PPOTrainer:
         self.value_model = (
             ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
         )
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = [
+            p
+            for name, p in self.policy.named_parameters()
+            if p.requires_grad and not (self.critic_free and name.startswith("value_head."))
+        ]
         if self.value_model is not None:
             params += list(self.value_model.parameters())
         self.params = params
@@ -145,7 +153,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, eps=1e-5, weight_decay=0.0, fused=fused or None
         )
-        total = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.minibatch_size)
+        total = cfg.steps * cfg.ppo_epochs * (cfg.rollout_rows // cfg.minibatch_size)
         decay = (
             (lambda s: max(0.0, 1.0 - s / total))
             if cfg.lr_schedule == "linear"
@@ -188,6 +196,8 @@ class PPOTrainer:
             logits, values = self.policy(ids, mask, logits_to_keep=R + 1)  # (B, R+1, V), (B, P+R)
             if self.value_model is not None:
                 values = self.value_model(ids, mask)  # (B, P+R)
+        if values is None or self.critic_free:
+            return self._scaled(logits[:, :-1]), torch.zeros(ids.shape[0], R, device=ids.device)
         # The logits at position P-1+t predict response token t; the value there is V(s_t).
         return self._scaled(logits[:, :-1]), values[:, P - 1 : -1].float()  # (B, R, V), (B, R)
 
@@ -244,22 +254,23 @@ class PPOTrainer:
     def rollout(self, prompts: list[str]) -> Rollout:
         """Sample responses to the global batch `prompts`, score them, and compute advantages.
 
-        Each process samples and scores its share of the rows, in chunks of
+        Each prompt is sampled --samples-per-prompt times, in consecutive rows. Each process samples and scores its share of the rows, in chunks of
         --rollout-batch-size; the shares are gathered, and the rewards and advantages are computed
         on the whole batch. The sampling draws for all rows come from one generator up front, so
         a row's response depends only on the seed, the step and its position in the batch.
         """
         cfg, world = self.config, self.world
+        prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
         B = len(prompts)
         if B % world.size:
             raise ConfigError(
-                f"the batch of {B} prompts does not split over {world.size} processes"
+                f"the batch of {B} sequences does not split over {world.size} processes"
             )
         uniforms = torch.rand(
             (B, cfg.response_tokens), generator=self.generator, dtype=torch.float64
         )  # (B, R)
         mine = world.shard(B)
-        local, local_u = list(prompts)[mine], uniforms[mine]
+        local, local_u = prompts[mine], uniforms[mine]
         chunk = cfg.rollout_batch_size or len(local)
         pieces = [
             self._rollout_chunk(local[s : s + chunk], local_u[s : s + chunk])
@@ -320,20 +331,8 @@ class PPOTrainer:
 
     # ----- phases 2-4: rewards and advantages on the global batch ---------------------------
     def compute_advantages(self, b: Rollout) -> None:
-        """Per-token rewards, GAE advantages (whitened) and returns, set on `b` in place."""
-        cfg = self.config
-        # The KL penalty on every token and the score at the last one (ppo-details 10, 11).
-        beta = self.kl_ctl.value
-        rewards = -beta * b.kl if cfg.kl_in == "reward" else torch.zeros_like(b.kl)  # (B, R)
-        lengths = b.response_mask.sum(1).long()  # (B,)
-        rewards[torch.arange(len(b), device=rewards.device), lengths - 1] += b.scores
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, b.response_mask, shift_mean=False)
-        advantages, returns = compute_gae(
-            rewards, b.values, b.response_mask, cfg.gamma, cfg.lam
-        )  # (B, R) x2
-        b.rewards, b.returns = rewards, returns
-        b.advantages = masked_whiten(advantages, b.response_mask)  # (B, R), ppo-details 16
+        """Per-token rewards, advantages and returns by --advantage-estimator, set on `b`."""
+        compute_advantages(b, self.config, self.kl_ctl.value)
 
     # ----- phase 5: PPO epochs over minibatches of micro-batches ----------------------------
     STATS = (
@@ -361,7 +360,9 @@ class PPOTrainer:
                 order = torch.randperm(B, generator=self.cpu_generator).to(b.response_mask.device)
                 for start in range(0, B, M):
                     mb = order[start : start + M]  # (M,)
-                    weight = b.response_mask[mb] / b.response_mask[mb].sum().clamp(min=1)  # (M, R)
+                    weight = loss_token_weights(
+                        b.response_mask[mb], cfg.loss_aggregation, cfg.response_tokens
+                    )  # (M, R)
                     mine = slice(world.rank * share, (world.rank + 1) * share)
                     sums = torch.zeros(len(self.STATS), device=self.device)
                     bad = False
@@ -389,6 +390,8 @@ class PPOTrainer:
         stats = dict(zip(self.STATS, totals.mean(0).tolist()))
         stats["policy/first_ratio"] = float(totals[0, self.STATS.index("policy/ratio")])
         stats["policy/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        if self.critic_free:  # no value function was trained
+            del stats["loss/value"], stats["val/clipfrac"]
         return stats
 
     def _micro_loss(
@@ -413,7 +416,7 @@ class PPOTrainer:
         vf, vf_clipped = value_loss_per_token(
             values, b.values[idx, :R], b.returns[idx, :R], mask, cfg.value_clip_eps
         )  # (m, R) x2
-        per_token = pg + cfg.vf_coef * vf  # (m, R)
+        per_token = pg if self.critic_free else pg + cfg.vf_coef * vf  # (m, R)
         if cfg.kl_in == "loss":  # ppo-details 13
             # Masked positions take the policy's own log-prob (KL 0) so garbage there cannot
             # overflow into a nan gradient.
@@ -452,7 +455,6 @@ class PPOTrainer:
 
         start = time.perf_counter()
         beta = self.kl_ctl.value
-        B = len(prompts)
         b = self.rollout(list(prompts))
         if not torch.isfinite(b.scores).all():
             raise NonFiniteError(
@@ -470,11 +472,7 @@ class PPOTrainer:
                 "objective/kl_penalty": (b.kl.sum(1)).mean().item(),
                 "objective/combined": reward - beta * kl_seq,
                 "objective/kl_coef": beta,
-                "objective/score_std": b.scores.std().item() if B > 1 else 0.0,
-                "val/explained_variance": explained_variance(
-                    b.values, b.returns, b.response_mask
-                ).item(),
-                "val/mean": masked_mean(b.values, b.response_mask).item(),
+                "objective/score_std": b.scores.std().item() if len(b) > 1 else 0.0,
                 "text/response_tokens": b.response_mask.sum(1).mean().item(),
                 "text/eos_rate": sum(b.ended) / len(b.ended),
                 "text/distinct_2": distinct_n(b.texts, 2),
@@ -485,7 +483,12 @@ class PPOTrainer:
             gold = self.gold_judge.score_batch(b.prompts, b.texts, b.ended)
             metrics["objective/gold"] = sum(gold) / len(gold)
             self.last_gold = gold
-        self.kl_ctl.update(kl_seq, B)
+        if not self.critic_free:
+            metrics["val/explained_variance"] = explained_variance(
+                b.values, b.returns, b.response_mask
+            ).item()
+            metrics["val/mean"] = masked_mean(b.values, b.response_mask).item()
+        self.kl_ctl.update(kl_seq, len(b))
         self.step_count += 1
         metrics.update(stats)
         metrics.update(b.timings)

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import os
+import shlex
 import sys
 import textwrap
 import types
@@ -26,11 +27,83 @@ from .rl.config import PPORunConfig
 EXAMPLES = """\
 examples:
   rlhf demo                      the whole story on the built-in task: reward model, PPO with and
-                                 without the KL penalty, plots and report.md (about 5 minutes)
-  rlhf demo --quick              the same pipeline at smoke size (under a minute)
+                                 without the KL penalty, plots and runs/demo/report.md (about 5 minutes)
+  rlhf demo --quick              the same pipeline at smoke size, in runs/demo-quick (under a minute)
   rlhf train-reward --out runs/rm
   rlhf train-reward --data prefs.jsonl --model ./my-sft-model --out runs/rm
+  rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
+  rlhf plot runs/ppo
+
+Each command's --help lists its options by group, with examples.
 """
+
+PPO_EXAMPLES = """\
+Numbers such as "(ppo-details 19)" point to the checklist in docs/ppo-details.md, which names the
+function that implements each detail and the test that checks it.
+
+One --seed fixes a run on one machine: the same command with the same torch build gives the same
+numbers step for step. Another CPU, torch build or a GPU sums floating-point numbers in another
+order, so runs drift apart after a few steps; the outcome holds, the exact numbers move.
+
+examples:
+  rlhf ppo                       the built-in task: 100 steps against its reward model (trained
+                                 first if the cache has none), gold score shown live
+  rlhf ppo --kl-coef 0 --steps 70 --out runs/no-kl
+                                 no KL penalty: the proxy reward climbs while the gold score falls
+  rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
+                                 your SFT model, your reward model (the --out folder of
+                                 `rlhf train-reward`) and your prompts
+  rlhf ppo ... --resume          the same command plus --resume continues a stopped run; with a
+                                 larger --steps it extends a finished one
+  rlhf plot runs/ppo             reward/KL trade-off and diagnostics figures of a run
+"""
+
+REWARD_EXAMPLES = """\
+examples:
+  rlhf train-reward --out runs/rm
+                                 the built-in task: 6,000 pairs sampled from the base model and
+                                 labelled by the gold judge
+  rlhf train-reward --model ./my-sft-model --data prefs.jsonl --out runs/rm
+                                 your SFT model and preference file
+  rlhf ppo --model ./my-sft-model --reward-model runs/rm --out runs/ppo
+                                 then train a policy against it
+"""
+
+# Where each option appears in `--help`: (title, description) per group, in order, and the fields
+# named for each. A field named nowhere (a new option) goes by its name's prefix, else to the group
+# of the dataclass that declares it, so new options land in a sensible group without editing this.
+PPO_HELP_GROUPS = {
+    "inputs": "the models and prompts to start from (default: the built-in task)",
+    "outputs": "what is written to --out, and how often",
+    "PPO": "the PPO update; (ppo-details N) refers to docs/ppo-details.md",
+    "KL penalty": "the penalty that keeps the policy near the reference",
+    "generation": "how responses are sampled during training",
+    "run": "seed, device, cache and resuming",
+}
+REWARD_HELP_GROUPS = {
+    "inputs": "the preference data and the model to start from (default: the built-in task)",
+    "outputs": "what is written to --out",
+    "preference data": "generating pairs on the built-in task (with no --data)",
+    "training": "the Bradley-Terry training",
+    "run": "seed, device and cache",
+}
+OPTION_GROUP = {
+    **dict.fromkeys(
+        ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
+         "max_length", "chat_template", "trust_remote_code"),
+        "inputs",
+    ),
+    **dict.fromkeys(("out", "sample_every", "save_every", "keep_checkpoints"), "outputs"),
+    **dict.fromkeys(("response_tokens", "temperature", "top_k", "top_p"), "generation"),
+    **dict.fromkeys(("seed", "device", "cache_dir", "resume", "gold"), "run"),
+    **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
+}  # fmt: skip
+OPTION_GROUP_BY_PREFIX = {
+    "kl_": "KL penalty",
+    "adaptive_kl": "KL penalty",
+    "target_kl": "KL penalty",
+}
+OPTION_GROUP_BY_CLASS = {"PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training"}
 
 
 @cache
@@ -63,31 +136,59 @@ def _unwrap_optional(tp):
     return tp
 
 
+def option_group(cls: type, name: str, titles) -> str:
+    """The `--help` group of field `name` of `cls`: named in OPTION_GROUP, else by its prefix,
+    else the group of the dataclass that declares it; always one of `titles`."""
+    group = OPTION_GROUP.get(name)
+    if group is None:
+        group = next((g for p, g in OPTION_GROUP_BY_PREFIX.items() if name.startswith(p)), None)
+    if group is None:
+        owner = next(
+            (k for k in cls.__mro__ if name in inspect.get_annotations(k)), cls
+        )  # the class that declares the field
+        group = OPTION_GROUP_BY_CLASS.get(owner.__name__)
+    titles = list(titles)
+    return group if group in titles else titles[-1]
+
+
 def add_config_arguments(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    groups: dict[str, str] | None = None,
 ) -> None:
-    """One `--option` per dataclass field, typed, with the field's default and docstring."""
+    """One `--option` per dataclass field, typed, with the field's default and docstring.
+
+    With `groups` ({title: description}), the options are listed under those headings in
+    `--help` (see `option_group`); options of no group go under the last.
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
+    sections = (
+        {title: parser.add_argument_group(title, text) for title, text in groups.items()}
+        if groups
+        else {}
+    )
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
+        target = sections[option_group(cls, f.name, sections)] if sections else parser
         tp = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = docs.get(f.name, "")
         if tp is bool:
-            parser.add_argument(
+            target.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
         elif typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
-            parser.add_argument(
+            target.add_argument(
                 flag, choices=choices, default=default, help=f"{help_text} (default: {default})"
             )
         else:
             shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(
+            target.add_argument(
                 flag, type=tp, default=default, metavar=f.name.upper(), help=help_text + shown
             )
 
@@ -138,9 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole pipeline on the built-in task and write a report",
         description="Run every stage on the built-in task, reusing cached stages, and say what was made.",
     )
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument(
+        "--out", default=None, help="output folder (default: runs/demo, or runs/demo-quick)"
+    )
     demo.add_argument("--quick", action="store_true", help="smoke-sized run of the same pipeline")
-    demo.add_argument("--seed", type=int, default=0, help="seed for every stage (default: 0)")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for every stage (default: 0); the same seed gives the same numbers on the same "
+        "machine and torch build, not across machines",
+    )
     demo.add_argument("--cache-dir", default=None, help="cache for the built-in base model")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
 
@@ -152,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
             "from the built-in base model and labelled by the gold judge. Writes the model, config.json, "
             "metrics.jsonl, TensorBoard logs and reward_eval.json to --out."
         ),
+        epilog=REWARD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(reward, RewardConfig)
+    add_config_arguments(reward, RewardConfig, groups=REWARD_HELP_GROUPS)
 
     ppo = sub.add_parser(
         "ppo",
@@ -161,17 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "PPO with a per-token KL penalty to a frozen reference. With no options it runs on the built-in "
             "task (training its reward model first if the cache has none). Writes metrics.jsonl, "
-            "samples.jsonl, config.json, TensorBoard logs and the final policy (Hugging Face format) to --out."
+            "samples.jsonl, config.json, TensorBoard logs and the final policy (Hugging Face format) to --out; "
+            "a folder that holds an earlier run is replaced unless --resume is given."
         ),
+        epilog=PPO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(ppo, PPORunConfig)
+    add_config_arguments(ppo, PPORunConfig, groups=PPO_HELP_GROUPS)
 
     plot = sub.add_parser(
         "plot",
         help="draw the reward/KL trade-off and training diagnostics of a finished run",
-        description="Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png beside it.",
+        description=(
+            "Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png "
+            "beside it. A folder of runs (such as runs/demo) has every PPO run inside it plotted."
+        ),
     )
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `rlhf ppo`")
+    plot.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="output folder of `rlhf ppo`, or a folder of such folders",
+    )
 
     sweep = sub.add_parser(
         "sweep",
@@ -204,9 +325,15 @@ def _run_train_reward(args) -> None:
     cfg = config_from_args(RewardConfig, args)
     result = train_reward(cfg)
     out = Path(cfg.out)
-    ceiling = "n/a" if result.get("ceiling") is None else f"{result['ceiling']:.3f}"
+    if result.get("ceiling") is None:  # the user's data: no gold judge to compare with
+        meaning = "the chosen response scores higher in that share of the held-out pairs"
+    else:
+        meaning = (
+            f"agreement with the gold judge's ordering; the noisy training labels themselves "
+            f"agree with it {result['ceiling']:.3f} of the time, the most to expect"
+        )
     print(
-        f"reward model: held-out accuracy {result['accuracy']:.3f} (label ceiling {ceiling}), "
+        f"reward model: held-out accuracy {result['accuracy']:.3f} ({meaning}), "
         f"{result['seconds']:.0f} s\n"
         f"  model:   {out / 'reward_model'}\n"
         f"  eval:    {out / 'reward_eval.json'}\n"
@@ -229,8 +356,13 @@ def _run_ppo(args) -> None:
     summary = train_ppo(cfg)
     final, out = summary["final"], Path(cfg.out)
     gold = f", gold {final['objective/gold']:.3f}" if "objective/gold" in final else ""
+    resumed = (
+        f" (resumed from step {summary['first_step']}; the run now has {summary['total_steps']})"
+        if summary["first_step"]
+        else ""
+    )
     print(
-        f"PPO: {summary['steps']} steps in {summary['seconds']:.0f} s; last step reward "
+        f"PPO: {summary['steps']} steps in {summary['seconds']:.0f} s{resumed}; last step reward "
         f"{final['objective/reward']:.3f}, KL {final['objective/kl']:.2f} nats{gold}\n"
         f"  policy:  {out / 'policy'}\n"
         f"  metrics: {out / 'metrics.jsonl'} (plot with: rlhf plot {out})\n"
@@ -239,10 +371,16 @@ def _run_ppo(args) -> None:
 
 
 def _run_plot(args) -> None:
-    from .analysis.plots import plot_run_dir
+    from .analysis.plots import find_runs, plot_run_dir
 
-    for path in plot_run_dir(args.run_dir):
-        print(f"wrote {path}")
+    run_dir = Path(args.run_dir)
+    runs = [run_dir] if (run_dir / "metrics.jsonl").is_file() else find_runs(run_dir)
+    if runs != [run_dir]:
+        names = ", ".join(str(r.relative_to(run_dir)) for r in runs)
+        print(f"{run_dir} has no metrics.jsonl; plotting the {len(runs)} runs inside it: {names}")
+    for run in runs:
+        for path in plot_run_dir(run):
+            print(f"wrote {path}")
 
 
 def _parse_kl_coefs(text: str) -> list[float]:
@@ -293,7 +431,18 @@ def _quiet_transformers() -> None:
         logging.disable_progress_bar()
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted `rlhf ppo`: the same options plus --resume."""
+    args = [a for a in argv if a != "--no-resume"]
+    if "--resume" not in args:
+        args.append("--resume")
+    # `python -m rlhf` runs __main__.py; say it the way it was typed.
+    prog = "python -m rlhf" if Path(sys.argv[0]).name == "__main__.py" else "rlhf"
+    return f"{prog} {shlex.join(args)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -307,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (rl.run.Interrupted)
         label = "error: " if code == 2 else ""
         message = str(exc)
-        if code == 130 and args.command != "ppo":
+        if code == 130 and getattr(exc, "resumable", False) and args.command == "ppo":
+            message = f"{exc.what}. Continue with: {resume_command(argv)}"
+        elif code == 130 and args.command != "ppo":
             # Only `rlhf ppo` has --resume; demo and sweep rerun their PPO runs from the start.
             message = (
                 "interrupted; the cached base and reward models are kept, so running the same "

@@ -6,6 +6,7 @@ to TensorBoard event files. Plots read `metrics.jsonl` after the run, never the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
@@ -99,3 +100,21 @@ def progress_bar(iterable=None, **kwargs):
         kwargs.setdefault("mininterval", 5.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars():
+    """transformers' own "Loading weights" and "Writing model shards" bars off inside the block.
+
+    rlhf draws its own progress; the CLI turns these bars off for good, and this keeps them out of
+    library calls too (restored on exit, since the caller may want them elsewhere).
+    """
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

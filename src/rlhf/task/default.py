@@ -24,6 +24,7 @@ import torch
 from ..data import atomic_write_json
 from ..models.forward import swap_slow_gelu
 from ..models.generation import pad_right
+from ..tracking import quiet_transformers_bars
 from . import corpus
 from .tokenizer import train_tokenizer
 
@@ -203,7 +204,8 @@ def base_model_dir(
     # Build in a temporary folder and rename, so an interrupted build never leaves a half cache.
     staging = Path(tempfile.mkdtemp(prefix=".base-", dir=root))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        with quiet_transformers_bars():
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / "base_info.json", info)
         try:

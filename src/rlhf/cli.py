@@ -436,8 +436,9 @@ def resume_command(argv: list[str]) -> str:
     args = [a for a in argv if a != "--no-resume"]
     if "--resume" not in args:
         args.append("--resume")
-    # `python -m rlhf` runs __main__.py; say it the way it was typed.
-    prog = "python -m rlhf" if Path(sys.argv[0]).name == "__main__.py" else "rlhf"
+    # Said the way it was typed: `python -m rlhf` runs rlhf/__main__.py as the main module.
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = "python -m rlhf" if spec is not None and spec.name == "rlhf.__main__" else "rlhf"
     return f"{prog} {shlex.join(args)}"
 
 

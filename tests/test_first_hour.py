@@ -342,3 +342,18 @@ def test_create_preference_dataset_draws_its_own_bar_and_not_transformers(
     assert bar.n == bar.total == 300 + 300 // 10 + 8  # every prompt sampled, over two chunks
     assert "preference pairs" in bar.desc
     assert 0 < len(records) <= 300
+
+
+@pytest.mark.parametrize("ceiling", [None, 0.961])
+def test_train_reward_summary_says_what_the_accuracy_means(tmp_path, monkeypatch, capsys, ceiling):
+    from rlhf.reward import train
+
+    result = {"accuracy": 0.877, "ceiling": ceiling, "seconds": 3.0}
+    monkeypatch.setattr(train, "train_reward", lambda cfg: result)
+    assert main(["train-reward", "--out", str(tmp_path / "rm")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "n/a" not in first and "ceiling" not in first, first
+    if ceiling is None:  # the user's data: accuracy is agreement with their labels
+        assert "the chosen response scores higher in that share of the held-out pairs" in first
+    else:
+        assert "gold judge" in first and "0.961" in first

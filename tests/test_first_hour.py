@@ -219,21 +219,30 @@ def test_new_config_fields_land_in_a_group_without_editing_the_cli():
     from rlhf.rl.config import PPOConfig, PPORunConfig
 
     @dataclasses.dataclass
-    class WithNewFields(PPORunConfig):
+    class NewPPOOptions(PPOConfig):
+        clip_schedule: str = "constant"
+        """a new PPO option"""
+        lora_rank: int = 0
+        """a LoRA option"""
+
+    @dataclasses.dataclass
+    class NewRunOptions(PPORunConfig, NewPPOOptions):
         world_size: int = 1
         """a distributed option"""
         kl_warmup: int = 0
         """a KL option"""
 
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser, WithNewFields, groups=PPO_HELP_GROUPS)
+    add_config_arguments(parser, NewRunOptions, groups=PPO_HELP_GROUPS)
     group_of = {
         action.dest: group.title
         for group in parser._action_groups
         for action in group._group_actions
     }
     assert group_of["kl_warmup"] == "KL penalty"  # by its name
-    assert group_of["world_size"] == "run"  # by the class that declares it
+    assert group_of["lora_rank"] == "PPO"  # by its name
+    assert group_of["clip_schedule"] == "PPO"  # declared in a PPOConfig
+    assert group_of["world_size"] == "run"  # declared in a PPORunConfig
     assert group_of["vf_coef"] == "PPO"  # a PPOConfig field named nowhere
     assert all(group_of[f.name] in PPO_HELP_GROUPS for f in dataclasses.fields(PPOConfig))
 

@@ -69,9 +69,11 @@ examples:
                                  then train a policy against it
 """
 
-# Where each option appears in `--help`: (title, description) per group, in order, and the fields
-# named for each. A field named nowhere (a new option) goes by its name's prefix, else to the group
-# of the dataclass that declares it, so new options land in a sensible group without editing this.
+# Where each option appears in `--help`: the groups of each command, in order, with a line each.
+# A field goes to the first of these groups that the command has: the one(s) OPTION_GROUP names
+# for it, those of its name's prefix in OPTION_GROUP_BY_PREFIX, then the group of the config class
+# that declares it (or of its nearest base class). So a new option lands in a sensible group
+# without editing this file.
 PPO_HELP_GROUPS = {
     "inputs": "the models and prompts to start from (default: the built-in task)",
     "outputs": "what is written to --out, and how often",
@@ -94,14 +96,14 @@ OPTION_GROUP = {
         "inputs",
     ),
     **dict.fromkeys(("out", "sample_every", "save_every", "keep_checkpoints"), "outputs"),
-    **dict.fromkeys(("response_tokens", "temperature", "top_k", "top_p"), "generation"),
+    **dict.fromkeys(("temperature", "top_k", "top_p"), "generation"),
+    "response_tokens": ("generation", "preference data"),  # train-reward samples pairs with it
     **dict.fromkeys(("seed", "device", "cache_dir", "resume", "gold"), "run"),
     **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
 }  # fmt: skip
 OPTION_GROUP_BY_PREFIX = {
-    "kl_": "KL penalty",
-    "adaptive_kl": "KL penalty",
-    "target_kl": "KL penalty",
+    ("kl_", "adaptive_kl", "target_kl"): ("KL penalty",),
+    ("lora", "micro_batch", "grad_accum", "gradient_accumulation"): ("PPO", "training"),
 }
 OPTION_GROUP_BY_CLASS = {"PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training"}
 
@@ -137,18 +139,16 @@ def _unwrap_optional(tp):
 
 
 def option_group(cls: type, name: str, titles) -> str:
-    """The `--help` group of field `name` of `cls`: named in OPTION_GROUP, else by its prefix,
-    else the group of the dataclass that declares it; always one of `titles`."""
-    group = OPTION_GROUP.get(name)
-    if group is None:
-        group = next((g for p, g in OPTION_GROUP_BY_PREFIX.items() if name.startswith(p)), None)
-    if group is None:
-        owner = next(
-            (k for k in cls.__mro__ if name in inspect.get_annotations(k)), cls
-        )  # the class that declares the field
-        group = OPTION_GROUP_BY_CLASS.get(owner.__name__)
+    """The `--help` group (one of `titles`) of field `name` of config class `cls`."""
     titles = list(titles)
-    return group if group in titles else titles[-1]
+    named = OPTION_GROUP.get(name, ())
+    candidates = [named] if isinstance(named, str) else list(named)
+    for prefixes, groups in OPTION_GROUP_BY_PREFIX.items():
+        if name.startswith(prefixes):
+            candidates += groups
+    owner = next(k for k in cls.__mro__ if name in inspect.get_annotations(k))  # declares it
+    candidates += [OPTION_GROUP_BY_CLASS.get(k.__name__) for k in owner.__mro__]
+    return next((g for g in candidates if g in titles), titles[-1])
 
 
 def add_config_arguments(
@@ -218,10 +218,15 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _wrap(text: str) -> str:
+    """A description for the raw formatter (which keeps the examples' layout), wrapped here."""
+    return textwrap.fill(text, width=100, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rlhf",
-        description=(
+        description=_wrap(
             "Reinforcement Learning from Human Feedback with PPO. With no options every command runs "
             "on a built-in task that needs no downloads: make short film and product reviews positive, "
             "judged by a hidden 'gold' scorer that stands in for the human."
@@ -256,11 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     reward = sub.add_parser(
         "train-reward",
         help="train a reward model from preference pairs",
-        description=(
+        description=_wrap(
             "Train a scalar reward model with the Bradley-Terry loss. With no --data, pairs are sampled "
             "from the built-in base model and labelled by the gold judge. Writes the model, config.json, "
             "metrics.jsonl, TensorBoard logs and reward_eval.json to --out."
         ),
+        usage="rlhf train-reward [options]",
         epilog=REWARD_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -269,12 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppo = sub.add_parser(
         "ppo",
         help="fine-tune a policy with PPO against a reward model, with a KL penalty",
-        description=(
+        description=_wrap(
             "PPO with a per-token KL penalty to a frozen reference. With no options it runs on the built-in "
             "task (training its reward model first if the cache has none). Writes metrics.jsonl, "
             "samples.jsonl, config.json, TensorBoard logs and the final policy (Hugging Face format) to --out; "
             "a folder that holds an earlier run is replaced unless --resume is given."
         ),
+        usage="rlhf ppo [options]",
         epilog=PPO_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -215,7 +215,7 @@ def test_train_reward_help_is_grouped(capsys):
 def test_new_config_fields_land_in_a_group_without_editing_the_cli():
     import argparse
 
-    from rlhf.cli import PPO_HELP_GROUPS, add_config_arguments
+    from rlhf.cli_options import PPO_HELP_GROUPS, add_config_arguments
     from rlhf.rl.config import PPOConfig, PPORunConfig
 
     @dataclasses.dataclass

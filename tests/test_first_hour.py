@@ -366,3 +366,33 @@ def test_train_reward_summary_says_what_the_accuracy_means(tmp_path, monkeypatch
         assert "the chosen response scores higher in that share of the held-out pairs" in first
     else:
         assert "gold judge" in first and "0.961" in first
+
+
+def test_base_model_bar_starts_its_clock_after_the_first_step(monkeypatch):
+    """tqdm's first ETA is (steps - 1) x the first step, the slowest of a fresh process; the bar
+    is made after that step (counted as done, not timed), so the first ETA comes from step 2."""
+    from rlhf import tracking
+    from rlhf.task import default
+
+    events, bars = [], []
+    lm_loss, make_bar = default._lm_loss, tracking.progress_bar
+
+    def loss(*args, **kwargs):
+        events.append("step")
+        return lm_loss(*args, **kwargs)
+
+    def bar(*args, **kwargs):
+        events.append("bar")
+        bars.append(make_bar(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(default, "_lm_loss", loss)
+    monkeypatch.setattr(tracking, "progress_bar", bar)
+    cfg = default.BaseModelConfig(
+        n_reviews=200, vocab_size=300, n_layer=1, n_embd=16, n_head=1, steps=3, batch_size=8
+    )
+    default.pretrain_base_model(cfg, progress=True)
+    assert events[:3] == ["step", "bar", "step"]
+    (pretrain,) = bars
+    assert (pretrain.n, pretrain.total) == (3, 3)
+    assert pretrain.format_dict["initial"] == 1  # the rate leaves the first step out

@@ -335,8 +335,10 @@ def test_create_preference_dataset_draws_its_own_bar_and_not_transformers(
     monkeypatch.setattr(
         preferences, "progress_bar", lambda *a, **k: bars.append(original(*a, **k)) or bars[-1]
     )
+    # As in a fresh Python session: earlier CLI calls in this process turned the bars off.
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # as in a fresh Python session (the CLI turns it off)
+    hf_logging.enable_progress_bar()
     try:
         records = preferences.create_preference_dataset(
             n_pairs=300, response_tokens=3, label_temperature=0

@@ -398,3 +398,16 @@ def test_base_model_bar_starts_its_clock_after_the_first_step(monkeypatch):
     (pretrain,) = bars
     assert (pretrain.n, pretrain.total) == (3, 3)
     assert pretrain.format_dict["initial"] == 1  # the rate leaves the first step out
+
+
+def test_a_new_log_replaces_the_folders_tensorboard_files(tmp_path):
+    """`rlhf train-reward` run again in a folder (and any new RunLogger) leaves one event file."""
+    from rlhf.tracking import RunLogger
+
+    for _ in range(3):
+        with RunLogger(tmp_path) as logger:
+            logger.log(0, {"reward/loss": 0.5})
+    assert len(_events(tmp_path)) == 1
+    with RunLogger(tmp_path, append=True) as logger:  # a resumed run adds to its own log
+        logger.log(1, {"reward/loss": 0.4})
+    assert len(_events(tmp_path)) == 2

@@ -53,13 +53,21 @@ def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> 
 
 
 class RunLogger:
-    """Append metrics to `metrics.jsonl` and, optionally, TensorBoard."""
+    """Append metrics to `metrics.jsonl` and, optionally, TensorBoard.
+
+    A new log (`append=False`) replaces the folder's earlier one, TensorBoard's event files
+    included: TensorBoard reads every event file in the folder, so old ones would overlay the new
+    run's curves with stale ones.
+    """
 
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, append: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = JsonlWriter(self.out_dir / "metrics.jsonl", append=append)
         self._tb = None
+        if not append:
+            for old in (self.out_dir / "tensorboard").glob("events.out.tfevents.*"):
+                old.unlink()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -87,6 +87,15 @@ def test_ppo_run_again_replaces_the_earlier_run_and_says_so(tmp_path, inputs, ca
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_folder_that_never_held_a_run_keeps_its_files(tmp_path, inputs, capsys):
+    out = tmp_path / "project"
+    (out / "policy").mkdir(parents=True)
+    (out / "policy" / "notes.md").write_text("the user's own")
+    assert main(_ppo(inputs, out, "--steps", "1")) == 0
+    assert "held an earlier run" not in capsys.readouterr().out
+    assert (out / "policy" / "notes.md").read_text() == "the user's own"
+
+
 def test_a_bad_option_replaces_nothing(tmp_path, inputs, capsys):
     out = tmp_path / "run"
     assert main(_ppo(inputs, out, "--steps", "2")) == 0

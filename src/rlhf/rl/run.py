@@ -258,7 +258,13 @@ RUN_OUTPUTS = (
 
 
 def replace_earlier_run(out: Path) -> list[str]:
-    """Remove what an earlier run wrote into `out` (only those names); returns what was there."""
+    """Remove what an earlier run wrote into `out` (only those names); returns what was there.
+
+    Only a folder that holds a run (its metrics.jsonl, written at the start, or checkpoints) is
+    touched: a `policy/` of the user's own in a folder that never held a run stays.
+    """
+    if not ((out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir()):
+        return []
     replaced = []
     for name in RUN_OUTPUTS:
         path = out / name

@@ -330,6 +330,9 @@ def test_ppo_step_names_what_it_expected(
 # ---------------------------------------------------------------------------------------------
 
 
+# huggingface_hub read HF_HUB_DISABLE_PROGRESS_BARS at import and warns; transformers' own switch,
+# which its "Loading weights" bar follows, is turned on all the same.
+@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")
 def test_create_preference_dataset_draws_its_own_bar_and_not_transformers(
     tiny_model_dir, monkeypatch, capfd
 ):

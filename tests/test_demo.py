@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf.analysis.hacking import summarise_run
 from rlhf.analysis.sweep import fit_functional_form, fit_terms
@@ -13,14 +16,48 @@ from rlhf.rl.detector import HackingDetector
 SUMMARY_RUN_KEYS = {"reward", "kl", "gold", "distinct_2", "peak_gold"}
 
 
+# What the quick demo drew, recorded by the fixture: its progress bars, and per figure of
+# several runs the colour of each run's line.
+SEEN: dict = {"bars": [], "figures": {}}
+
+
+def _recording(original, record):
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        record(result, *args, **kwargs)
+        return result
+
+    return wrapper
+
+
+def _record_figure(fig, histories, path=None, **kwargs):
+    colors = {
+        line.get_label(): line.get_color()
+        for line in fig.axes[0].get_lines()
+        if not line.get_label().endswith("(raw)")
+    }
+    SEEN["figures"][Path(path).name] = colors
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     """One smoke-sized demo from a cold cache (about 35 s on 2 cores), shared by the tests below."""
+    from rlhf import pipeline, tracking
+    from rlhf.analysis import plots
     from rlhf.cli import main
+    from rlhf.reward import preferences
+    from rlhf.reward import train as reward_train
+    from rlhf.rl import run
 
     root = tmp_path_factory.mktemp("demo")
     out = root / "out"
-    code = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(root / "cache")])
+    record_bar = lambda bar, *a, **k: SEEN["bars"].append(bar)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (tracking, run, preferences, reward_train):
+            patch.setattr(module, "progress_bar", _recording(module.progress_bar, record_bar))
+        for module in (plots, pipeline):
+            patch.setattr(module, "plot_runs", _recording(module.plot_runs, _record_figure))
+        code = main(["demo", "--quick", "--out", str(out), "--cache-dir", str(root / "cache")])
     assert code == 0
     return out
 
@@ -67,6 +104,111 @@ def test_report_has_both_tables_and_four_answers(quick_demo):
         f"| 0 | {rows[0]['objective/reward']:.2f} | 0.00 |" in report
         or f"| 0 | {rows[0]['objective/reward']:.2f} | -0.00 |" in report
     )
+
+
+def test_quick_demo_bars_end_full_and_name_each_run(quick_demo):
+    bars = {bar.desc.rstrip(": "): bar for bar in SEEN["bars"]}
+    for desc, bar in bars.items():
+        assert bar.n == bar.total, f"{desc}: {bar.n} of {bar.total}"
+    for expected in (
+        "pretrain base model",
+        "sample and label preference pairs",
+        "train reward model",
+        "PPO with the KL penalty (kl_coef 0.1)",
+        "PPO without the KL penalty (kl_coef 0)",
+        "PPO with a large KL penalty (kl_coef 1)",
+        "vanilla policy gradient (kl_coef 0.1)",
+    ):
+        assert expected in bars, sorted(bars)
+
+
+def test_kl_zero_has_the_same_colour_in_both_figures(quick_demo):
+    def colour_of_kl_zero(figure: str) -> str:
+        (colour,) = [
+            c
+            for label, c in SEEN["figures"][figure].items()
+            if re.search(r"kl_coef=0(?![.\d])", label)
+        ]
+        return colour
+
+    assert colour_of_kl_zero("hacking.png") == colour_of_kl_zero("kl_coefs.png")
+    hacking, coefs = SEEN["figures"]["hacking.png"], SEEN["figures"]["kl_coefs.png"]
+    assert hacking["with kl (kl_coef=0.1)"] == coefs["kl_coef=0.1"]
+
+
+def test_readme_python_snippet_runs_as_pasted(quick_demo, monkeypatch, capsys):
+    """The README's Python block, run on the quick demo's cached models (the snippet's own
+    defaults, the full-size models, would take two minutes to train on a cold cache)."""
+    from rlhf.rl import inputs
+    from rlhf.task import default
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "<!-- tests/test_demo.py runs the next code block -->"
+    snippet = readme.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    cache = quick_demo.parent / "cache"
+    (base,) = cache.glob("base-*")
+    (reward,) = cache.glob("reward-*")
+    monkeypatch.setattr(default, "base_model_dir", lambda *args, **kwargs: base)
+    monkeypatch.setattr(inputs, "default_reward_model_dir", lambda *args, **kwargs: reward)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == [f"step {i}" for i in range(10)]
+    policy, reference = namespace["policy"].state_dict(), namespace["reference"].state_dict()
+    assert any(not torch.equal(policy[k], reference[k]) for k in reference)
+
+
+def test_demo_quick_gets_its_own_folder(tmp_path, monkeypatch):
+    from rlhf import pipeline
+    from rlhf.cli import main
+    from rlhf.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    folders = []
+
+    def stop(out_dir):
+        folders.append(out_dir)
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(pipeline, "keep_earlier_report", stop)
+    assert main(["demo", "--quick"]) == 2
+    assert main(["demo"]) == 2
+    assert main(["demo", "--quick", "--out", "elsewhere"]) == 2
+    assert folders == [Path("runs/demo-quick"), Path("runs/demo"), Path("elsewhere")]
+
+
+def test_demo_keeps_an_earlier_report_and_says_so(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+
+    from rlhf import pipeline
+    from rlhf.cli import main
+    from rlhf.errors import ConfigError
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("the five-minute results")
+    (out / "summary.json").write_text("{}")
+    written = time.mktime((2026, 11, 20, 9, 30, 5, 0, 0, -1))
+    os.utime(out / "report.md", (written, written))
+
+    def stop(*args, **kwargs):
+        raise ConfigError("stopped by the test after the report was put aside")
+
+    monkeypatch.setattr(pipeline, "base_model_dir", stop)
+    assert main(["demo", "--out", str(out)]) == 2
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [
+        f"{out} held an earlier demo: its report is kept as {out / 'report-20261120-093005.md'} "
+        "(numbers in summary-20261120-093005.json); its runs and figures are replaced"
+    ]
+    assert (out / "report-20261120-093005.md").read_text() == "the five-minute results"
+    assert not (out / "report.md").exists()
+    # A second earlier report written in the same second gets a name of its own.
+    (out / "report.md").write_text("another")
+    os.utime(out / "report.md", (written, written))
+    assert main(["demo", "--out", str(out)]) == 2
+    assert (out / "report-20261120-093005-2.md").read_text() == "another"
 
 
 def test_hacking_detector_fires_once_when_gold_falls_while_proxy_rises():

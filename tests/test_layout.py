@@ -28,6 +28,7 @@ RANKS = {
     "rlhf.analysis": 5,
     "rlhf.pipeline": 6,
     "rlhf.cli": 7,
+    "rlhf.cli_options": 7,
     "rlhf.__main__": 8,
 }
 

@@ -11,6 +11,7 @@ import ast
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -354,14 +355,18 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(
     assert "Traceback" not in err
     done = len(_rows(out))  # the step running at Ctrl-C finished and was logged
     last = err.strip().splitlines()[-1]
+    command = "python -m rlhf " + shlex.join([*_ppo_args(folders, out, *PPO_LONG), "--resume"])
     assert last == (
         f"rlhf ppo: interrupted after {done} of 40 steps; saved checkpoint "
-        f"{out / 'checkpoints' / f'step-{done:06d}'}. Continue with the same command plus --resume"
+        f"{out / 'checkpoints' / f'step-{done:06d}'}. Continue with: {command}"
     )
     assert [line for line in err.splitlines() if "--resume" in line] == [last]
     assert (out / "checkpoints" / f"step-{done:06d}" / "state.pt").is_file()
-    assert main(_ppo_args(folders, out, *PPO_LONG, "--resume")) == 0
+    # The printed command, run as printed, finishes the run; its summary counts only its steps.
+    assert main(shlex.split(last.split("Continue with: ")[1])[3:]) == 0
     _assert_same_run(out, reference_run)
+    printed = capsys.readouterr().out
+    assert f"PPO: {40 - done} steps in " in printed and f"(resumed from step {done};" in printed
 
 
 def test_resume_extends_a_finished_run(tmp_path, folders, reference_run, capsys):
@@ -438,9 +443,12 @@ def test_interrupt_inside_a_step_points_to_the_last_checkpoint(
     assert main(_ppo_args(folders, out, "--steps", "6", "--save-every", "2", *PPO_SMALL)) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
+    command = shlex.join(
+        [*_ppo_args(folders, out, "--steps", "6", "--save-every", "2", *PPO_SMALL), "--resume"]
+    )
     assert err.strip().splitlines()[-1] == (
-        f"rlhf ppo: interrupted during step 4 of 6; continue from checkpoint "
-        f"{out / 'checkpoints' / 'step-000002'} with the same command plus --resume"
+        f"rlhf ppo: interrupted during step 4 of 6; the newest checkpoint is "
+        f"{out / 'checkpoints' / 'step-000002'}. Continue with: rlhf {command}"
     )
     assert len(_rows(out)) == 3
 

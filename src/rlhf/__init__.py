@@ -18,7 +18,7 @@ _EXPORTS = {
     "reward_model_loss": "rlhf.reward.loss",
     "train_reward": "rlhf.reward.train",
     "RewardConfig": "rlhf.reward.train",
-    "ppo_step": "rlhf.rl.run",
+    "ppo_step": "rlhf.rl.step",
     "train_ppo": "rlhf.rl.run",
     "PPORunConfig": "rlhf.rl.config",
     "PPOTrainer": "rlhf.rl.trainer",
@@ -56,7 +56,8 @@ if TYPE_CHECKING:
     from .reward.preferences import create_preference_dataset
     from .reward.train import RewardConfig, train_reward
     from .rl.config import PPOConfig, PPORunConfig
-    from .rl.run import ppo_step, train_ppo
+    from .rl.run import train_ppo
+    from .rl.step import ppo_step
     from .rl.trainer import PPOTrainer
 
 

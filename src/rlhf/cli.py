@@ -1,105 +1,35 @@
 """The `rlhf` command: parses options into the stages' config dataclasses and calls them.
 
-Every option comes from a dataclass field; its help is the field's docstring. Errors the user can
-fix (`RLHFError`) print as one line on stderr and exit with code 2, without a traceback.
+Every option comes from a dataclass field; its help is the field's docstring (`cli_options`).
+Errors the user can fix (`RLHFError`) print as one line on stderr and exit with code 2, without a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
 import math
 import os
+import shlex
 import sys
-import textwrap
-import types
 import typing
-from functools import cache
 from pathlib import Path
 
+from .cli_options import (
+    EXAMPLES,
+    PPO_EXAMPLES,
+    PPO_HELP_GROUPS,
+    REWARD_EXAMPLES,
+    REWARD_HELP_GROUPS,
+    add_config_arguments,
+    config_from_args,
+    wrap,
+)
+from .cli_options import field_docs as field_docs  # re-exported
 from .errors import ConfigError, RLHFError
 from .reward.train import RewardConfig
 from .rl.config import PPORunConfig
 from .rl.dpo import DPOConfig
-
-EXAMPLES = """\
-examples:
-  rlhf demo                      the whole story on the built-in task: reward model, PPO with and
-                                 without the KL penalty, plots and report.md (about 5 minutes)
-  rlhf demo --quick              the same pipeline at smoke size (under a minute)
-  rlhf train-reward --out runs/rm
-  rlhf train-reward --data prefs.jsonl --model ./my-sft-model --out runs/rm
-  rlhf dpo --data prefs.jsonl --model ./my-sft-model --out runs/dpo
-"""
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (the string literal that follows it)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def _unwrap_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def add_config_arguments(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
-) -> None:
-    """One `--option` per dataclass field, typed, with the field's default and docstring."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = docs.get(f.name, "")
-        if tp is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif typing.get_origin(tp) is typing.Literal:
-            choices = typing.get_args(tp)
-            parser.add_argument(
-                flag, choices=choices, default=default, help=f"{help_text} (default: {default})"
-            )
-        else:
-            shown = "" if default is None else f" (default: {default})"
-            parser.add_argument(
-                flag, type=tp, default=default, metavar=f.name.upper(), help=help_text + shown
-            )
-
-
-def config_from_args(cls: type, args: argparse.Namespace, **overrides):
-    values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
-    }
-    values.update(overrides)
-    return cls(**values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="rlhf",
-        description=(
+        description=wrap(
             "Reinforcement Learning from Human Feedback with PPO. With no options every command runs "
             "on a built-in task that needs no downloads: make short film and product reviews positive, "
             "judged by a hidden 'gold' scorer that stands in for the human."
@@ -140,33 +70,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole pipeline on the built-in task and write a report",
         description="Run every stage on the built-in task, reusing cached stages, and say what was made.",
     )
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument(
+        "--out", default=None, help="output folder (default: runs/demo, or runs/demo-quick)"
+    )
     demo.add_argument("--quick", action="store_true", help="smoke-sized run of the same pipeline")
-    demo.add_argument("--seed", type=int, default=0, help="seed for every stage (default: 0)")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for every stage (default: 0); the same seed gives the same numbers on the same "
+        "machine and torch build, not across machines",
+    )
     demo.add_argument("--cache-dir", default=None, help="cache for the built-in base model")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
 
     reward = sub.add_parser(
         "train-reward",
         help="train a reward model from preference pairs",
-        description=(
+        description=wrap(
             "Train a scalar reward model with the Bradley-Terry loss. With no --data, pairs are sampled "
             "from the built-in base model and labelled by the gold judge. Writes the model, config.json, "
             "metrics.jsonl, TensorBoard logs and reward_eval.json to --out."
         ),
+        usage="rlhf train-reward [options]",
+        epilog=REWARD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(reward, RewardConfig)
+    add_config_arguments(reward, RewardConfig, groups=REWARD_HELP_GROUPS)
 
     ppo = sub.add_parser(
         "ppo",
         help="fine-tune a policy with PPO against a reward model, with a KL penalty",
-        description=(
+        description=wrap(
             "PPO with a per-token KL penalty to a frozen reference. With no options it runs on the built-in "
             "task (training its reward model first if the cache has none). Writes metrics.jsonl, "
-            "samples.jsonl, config.json, TensorBoard logs and the final policy (Hugging Face format) to --out."
+            "samples.jsonl, config.json, TensorBoard logs and the final policy (Hugging Face format) to --out; "
+            "a folder that holds an earlier run is replaced unless --resume is given."
         ),
+        usage="rlhf ppo [options]",
+        epilog=PPO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(ppo, PPORunConfig)
+    add_config_arguments(ppo, PPORunConfig, groups=PPO_HELP_GROUPS)
 
     dpo = sub.add_parser(
         "dpo",
@@ -184,9 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser(
         "plot",
         help="draw the reward/KL trade-off and training diagnostics of a finished run",
-        description="Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png beside it.",
+        description=(
+            "Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png "
+            "beside it. A folder of runs (such as runs/demo) has every PPO run inside it plotted."
+        ),
     )
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `rlhf ppo`")
+    plot.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="output folder of `rlhf ppo`, or a folder of such folders",
+    )
 
     sweep = sub.add_parser(
         "sweep",
@@ -219,9 +171,15 @@ def _run_train_reward(args) -> None:
     cfg = config_from_args(RewardConfig, args)
     result = train_reward(cfg)
     out = Path(cfg.out)
-    ceiling = "n/a" if result.get("ceiling") is None else f"{result['ceiling']:.3f}"
+    if result.get("ceiling") is None:  # the user's data: no gold judge to compare with
+        meaning = "the chosen response scores higher in that share of the held-out pairs"
+    else:
+        meaning = (
+            f"agreement with the gold judge's ordering; the noisy training labels themselves "
+            f"agree with it {result['ceiling']:.3f} of the time, the most to expect"
+        )
     print(
-        f"reward model: held-out accuracy {result['accuracy']:.3f} (label ceiling {ceiling}), "
+        f"reward model: held-out accuracy {result['accuracy']:.3f} ({meaning}), "
         f"{result['seconds']:.0f} s\n"
         f"  model:   {out / 'reward_model'}\n"
         f"  eval:    {out / 'reward_eval.json'}\n"
@@ -244,8 +202,13 @@ def _run_ppo(args) -> None:
     summary = train_ppo(cfg)
     final, out = summary["final"], Path(cfg.out)
     gold = f", gold {final['objective/gold']:.3f}" if "objective/gold" in final else ""
+    resumed = (
+        f" (resumed from step {summary['first_step']}; the run now has {summary['total_steps']})"
+        if summary["first_step"]
+        else ""
+    )
     print(
-        f"PPO: {summary['steps']} steps in {summary['seconds']:.0f} s; last step reward "
+        f"PPO: {summary['steps']} steps in {summary['seconds']:.0f} s{resumed}; last step reward "
         f"{final['objective/reward']:.3f}, KL {final['objective/kl']:.2f} nats{gold}\n"
         f"  policy:  {out / 'policy'}\n"
         f"  metrics: {out / 'metrics.jsonl'} (plot with: rlhf plot {out})\n"
@@ -276,10 +239,16 @@ def _run_dpo(args) -> None:
 
 
 def _run_plot(args) -> None:
-    from .analysis.plots import plot_run_dir
+    from .analysis.plots import find_runs, plot_run_dir
 
-    for path in plot_run_dir(args.run_dir):
-        print(f"wrote {path}")
+    run_dir = Path(args.run_dir)
+    runs = [run_dir] if (run_dir / "metrics.jsonl").is_file() else find_runs(run_dir)
+    if runs != [run_dir]:
+        names = ", ".join(str(r.relative_to(run_dir)) for r in runs)
+        print(f"{run_dir} has no metrics.jsonl; plotting the {len(runs)} runs inside it: {names}")
+    for run in runs:
+        for path in plot_run_dir(run):
+            print(f"wrote {path}")
 
 
 def _parse_kl_coefs(text: str) -> list[float]:
@@ -331,7 +300,19 @@ def _quiet_transformers() -> None:
         logging.disable_progress_bar()
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted `rlhf ppo`: the same options plus --resume."""
+    args = [a for a in argv if a != "--no-resume"]
+    if "--resume" not in args:
+        args.append("--resume")
+    # Said the way it was typed: `python -m rlhf` runs rlhf/__main__.py as the main module.
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = "python -m rlhf" if spec is not None and spec.name == "rlhf.__main__" else "rlhf"
+    return f"{prog} {shlex.join(args)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -345,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (rl.run.Interrupted)
         label = "error: " if code == 2 else ""
         message = str(exc)
-        if code == 130 and args.command != "ppo":
+        if code == 130 and getattr(exc, "resumable", False) and args.command == "ppo":
+            message = f"{exc.what}. Continue with: {resume_command(argv)}"
+        elif code == 130 and args.command != "ppo":
             # Only `rlhf ppo` has --resume; demo and sweep rerun their PPO runs from the start.
             message = (
                 "interrupted; the cached base and reward models are kept, so running the same "

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis.hacking import demonstrate_reward_hacking, summarise_run
+from .analysis.hacking import RUN_COLORS, demonstrate_reward_hacking, summarise_run
 from .analysis.plots import plot_run_dir, plot_runs
 from .data import atomic_write_json, read_jsonl
 from .reward.train import RewardConfig
@@ -56,19 +56,31 @@ def demo_config(quick: bool, seed: int, device: str) -> DemoConfig:
 
 
 def run_demo(
-    out: str = "runs/demo",
+    out: str | Path | None = None,
     quick: bool = False,
     seed: int = 0,
     cache_dir=None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Run the whole story and write report.md, summary.json and the figures into `out`."""
+    """Run the whole story and write report.md, summary.json and the figures into `out`
+    (default `runs/demo`, or `runs/demo-quick` with `quick`).
+
+    The runs of an earlier demo in `out` are replaced; its report.md and summary.json are kept,
+    renamed with the time they were written, and one printed line says so.
+    """
     start = time.perf_counter()
-    out_dir = Path(out)
+    out_dir = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
     demo = demo_config(quick, seed, device)
     timings: dict[str, float] = {}
 
+    kept = keep_earlier_report(out_dir)
+    if kept:
+        print(
+            f"{out_dir} held an earlier demo: its report is kept as {kept[0]}"
+            f"{f' (numbers in {kept[1].name})' if len(kept) > 1 else ''}; its runs and figures "
+            "are replaced"
+        )
     t0 = time.perf_counter()
     base_dir = base_model_dir(demo.base, cache_dir=cache_dir, progress=progress)
     info = base_model_info(base_dir)
@@ -107,10 +119,12 @@ def run_demo(
         # One on-policy gradient step per batch and no clipping: REINFORCE with a GAE baseline.
         "vanilla_pg": dataclasses.replace(base, ppo_epochs=1, clip_eps=1e9, value_clip_eps=1e9),
     }
+    labels = {"large_kl": "PPO with a large KL penalty", "vanilla_pg": "vanilla policy gradient"}
     for name, cfg in side.items():
         train_ppo(
             dataclasses.replace(cfg, out=str(out_dir / name), steps=demo.side_steps),
             progress=progress,
+            label=f"{labels[name]} (kl_coef {cfg.kl_coef:g})",
         )
         plot_run_dir(out_dir / name)
         comparison["runs"][name] = {
@@ -124,13 +138,12 @@ def run_demo(
 
     from .analysis.report import write_report
 
+    coefs = (("no_kl", 0.0), ("with_kl", 0.1), ("large_kl", demo.large_kl_coef))
     plot_runs(
-        {
-            f"kl_coef={c:g}": out_dir / n / "metrics.jsonl"
-            for n, c in (("no_kl", 0.0), ("with_kl", 0.1), ("large_kl", demo.large_kl_coef))
-        },
+        {f"kl_coef={c:g}": out_dir / n / "metrics.jsonl" for n, c in coefs},
         path=out_dir / "kl_coefs.png",
         title="Three KL coefficients, same seed and reward model",
+        colors={f"kl_coef={c:g}": RUN_COLORS[n] for n, c in coefs},
     )
     timings["total_s"] = time.perf_counter() - start
     summary = {
@@ -156,6 +169,27 @@ def run_demo(
         f"done in {timings['total_s']:.0f} s. Open {out_dir / 'report.md'} (figures and tables); numbers in {out_dir / 'summary.json'}"
     )
     return summary
+
+
+def keep_earlier_report(out_dir: Path) -> list[Path]:
+    """Rename an earlier demo's report.md and summary.json with the time they were written
+    (report-20261126-101500.md), so that a new demo in the same folder does not replace them;
+    returns the new paths (none if there was no report)."""
+    report = out_dir / "report.md"
+    if not report.is_file():
+        return []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(report.stat().st_mtime))
+    suffix, n = stamp, 1
+    while (out_dir / f"report-{suffix}.md").exists():
+        n += 1
+        suffix = f"{stamp}-{n}"
+    kept = []
+    for name in ("report.md", "summary.json"):
+        path = out_dir / name
+        if path.is_file():
+            stem, ext = name.split(".")
+            kept.append(path.rename(out_dir / f"{stem}-{suffix}.{ext}"))
+    return kept
 
 
 def read_jsonl_one(path: Path) -> dict:

@@ -6,6 +6,7 @@ to TensorBoard event files. Plots read `metrics.jsonl` after the run, never the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
@@ -52,13 +53,21 @@ def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> 
 
 
 class RunLogger:
-    """Append metrics to `metrics.jsonl` and, optionally, TensorBoard."""
+    """Append metrics to `metrics.jsonl` and, optionally, TensorBoard.
+
+    A new log (`append=False`) replaces the folder's earlier one, TensorBoard's event files
+    included: TensorBoard reads every event file in the folder, so old ones would overlay the new
+    run's curves with stale ones.
+    """
 
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, append: bool = False):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = JsonlWriter(self.out_dir / "metrics.jsonl", append=append)
         self._tb = None
+        if not append:
+            for old in (self.out_dir / "tensorboard").glob("events.out.tfevents.*"):
+                old.unlink()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -99,3 +108,21 @@ def progress_bar(iterable=None, **kwargs):
         kwargs.setdefault("mininterval", 5.0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars():
+    """transformers' own "Loading weights" and "Writing model shards" bars off inside the block.
+
+    rlhf draws its own progress; the CLI turns these bars off for good, and this keeps them out of
+    library calls too (restored on exit, since the caller may want them elsewhere).
+    """
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

@@ -18,6 +18,8 @@ from ..rl.config import PPORunConfig
 from ..rl.run import train_ppo
 
 WINDOW = 5
+# One colour per demo run, the same in every figure (hacking.png, kl_coefs.png).
+RUN_COLORS = {"with_kl": "#1f77b4", "no_kl": "#d62728", "large_kl": "#2ca02c"}
 RUN_METRICS = {
     "reward": "objective/reward",
     "kl": "objective/kl",
@@ -96,7 +98,8 @@ def demonstrate_reward_hacking(
         cfg = dataclasses.replace(
             base, out=str(out / name), kl_coef=beta, steps=steps, seed=seed, adaptive_kl=False
         )
-        result = train_ppo(cfg, progress=progress)
+        what = "PPO with the KL penalty" if beta else "PPO without the KL penalty"
+        result = train_ppo(cfg, progress=progress, label=f"{what} (kl_coef {beta:g})")
         run_dirs[name] = out / name
         summaries[name] = {
             "kl_coef": beta,
@@ -110,6 +113,7 @@ def demonstrate_reward_hacking(
         {label[n]: run_dirs[n] / "metrics.jsonl" for n in runs},
         path=out / "hacking.png",
         title="Reward hacking: the same PPO run with and without the KL penalty",
+        colors={label[n]: RUN_COLORS[n] for n in runs},
     )
     example_steps = sorted({0, steps // 2, steps - 1})
     comparison = {

@@ -239,11 +239,14 @@ def plot_runs(
     title: str | None = None,
     smooth: float | str | None = "auto",
     log_kl: bool | str = "auto",
+    colors: Mapping[str, str] | None = None,
 ) -> Figure:
     """Several runs on shared axes, one panel per metric, one colour per run (legend below).
 
     A metric no run logged is skipped. KL panels switch to a symlog y-axis when the runs' KL
-    scales differ by more than 30x (`log_kl="auto"`; True forces it, False never).
+    scales differ by more than 30x (`log_kl="auto"`; True forces it, False never). `colors` maps
+    run labels to colours, so that one run keeps its colour across figures; the others take the
+    colours of `_RUN_COLORS` in order.
     """
     if not histories:
         raise ValueError("plot_runs needs at least one run")
@@ -258,7 +261,7 @@ def plot_runs(
         handles: dict[str, Line2D] = {}
         for ax, key in zip(axes, shown):
             scales = []
-            for (label, rows), color in zip(runs.items(), _cycle(len(runs))):
+            for (label, rows), color in zip(runs.items(), _cycle(list(runs), colors)):
                 x, y = _series(rows, key)
                 if y.size:
                     handles[label] = _draw(ax, x, y, color, label, smooth)
@@ -282,8 +285,17 @@ def plot_runs(
     return fig
 
 
-def _cycle(n: int) -> list[str]:
-    return [_RUN_COLORS[i % len(_RUN_COLORS)] for i in range(n)]
+def _cycle(labels: list[str], colors: Mapping[str, str] | None = None) -> list[str]:
+    colors = colors or {}
+    free = [c for c in _RUN_COLORS if c not in colors.values()] or list(_RUN_COLORS)
+    picked, i = [], 0
+    for label in labels:
+        if label in colors:
+            picked.append(colors[label])
+        else:
+            picked.append(free[i % len(free)])
+            i += 1
+    return picked
 
 
 def _wants_log(scales: list[float], log_kl: bool | str) -> bool:
@@ -329,6 +341,30 @@ def plot_diagnostics(
         )
     _save(fig, path)
     return fig
+
+
+def find_runs(folder: str | Path) -> list[Path]:
+    """The PPO run folders under `folder` (any depth): those whose metrics.jsonl has PPO metrics.
+
+    For `rlhf plot` on a folder of runs, such as the output of `rlhf demo`; a reward-model run
+    (metrics but no objective/reward) is left out. An `InputError` if there is none.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise input_error(folder, "is not a folder; give the output folder of `rlhf ppo`")
+    runs = []
+    for metrics in sorted(folder.rglob("metrics.jsonl")):
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        if '"objective/reward"' in first:
+            runs.append(metrics.parent)
+    if not runs:
+        raise input_error(
+            folder,
+            "has no metrics.jsonl, and no run folder inside it has PPO metrics; give the output "
+            "folder of `rlhf ppo`",
+        )
+    return runs
 
 
 def plot_run_dir(run_dir: str | Path) -> list[Path]:

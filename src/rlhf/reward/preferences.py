@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data import PreferencePair
+from ..tracking import progress_bar, quiet_transformers_bars
+
+SAMPLE_BATCH = 256  # texts per sampling call (two per pair)
 
 
 def _default_task(cache_dir=None, progress=True):
@@ -24,7 +27,8 @@ def _default_task(cache_dir=None, progress=True):
     from ..task.default import base_model_dir
 
     directory = base_model_dir(cache_dir=cache_dir, progress=progress)
-    return load_causal_lm(directory), load_tokenizer(directory), directory
+    with quiet_transformers_bars():
+        return load_causal_lm(directory), load_tokenizer(directory), directory
 
 
 def create_preference_dataset(
@@ -61,10 +65,24 @@ def create_preference_dataset(
     device = device_of(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     doubled = [p for p in prompts for _ in range(2)]
-    texts, ended = sample_texts(
-        model, tokenizer, doubled, response_tokens, generator=generator, device=device
-    )
-    gold = judge.score_batch(doubled, texts, ended)
+    texts, ended, gold = [], [], []
+    bar = progress_bar(
+        total=len(prompts), desc="sample and label preference pairs", unit="pair",
+        disable=not progress, leave=False,
+    )  # fmt: skip
+    # Chunks of SAMPLE_BATCH texts, the batch size `sample_texts` uses itself, so the samples are
+    # the same as from one call; the bar moves once per chunk.
+    for start in range(0, len(doubled), SAMPLE_BATCH):
+        chunk = doubled[start : start + SAMPLE_BATCH]
+        t, e = sample_texts(
+            model, tokenizer, chunk, response_tokens, batch_size=SAMPLE_BATCH,
+            generator=generator, device=device,
+        )  # fmt: skip
+        texts += t
+        ended += e
+        gold += judge.score_batch(chunk, t, e)
+        bar.update(len(chunk) // 2)
+    bar.close()
     rng = random.Random(seed)
     records = []
     for i, prompt in enumerate(prompts):

@@ -3,7 +3,8 @@
 config      `PPOConfig`, `PPORunConfig`, the KL controllers
 trainer     `PPOTrainer`: rollout -> score -> KL-penalised rewards -> advantages -> PPO epochs
 inputs      loading and checking a run's prompts and models
-run         `train_ppo` (`rlhf ppo`), `ppo_step`, the prompt stream, Ctrl-C handling
+run         `train_ppo` (`rlhf ppo`), the prompt stream, Ctrl-C handling
+step        `ppo_step`, the seed's one-call form
 checkpoint  atomic checkpoints and exact resume
 detector    `HackingDetector`, the live reward-hacking warning
 dpo         `train_dpo` (`rlhf dpo`): Direct Preference Optimization, no reward model

@@ -61,6 +61,18 @@ def default_reward_model_dir(
     return target
 
 
+def reward_model_folder(path: str | Path) -> Path:
+    """The reward model in `path`: the folder itself, or the `reward_model/` inside the output
+    folder of `rlhf train-reward --out` (what users naturally pass)."""
+    from ..models.reward_model import REWARD_HEAD_FILE
+
+    path = Path(path)
+    inner = path / "reward_model"
+    if not (path / REWARD_HEAD_FILE).is_file() and (inner / REWARD_HEAD_FILE).is_file():
+        return inner
+    return path
+
+
 def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     """Prompts, policy, reference, reward model and tokenizer, validated before any training.
 
@@ -94,7 +106,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         if directory:
             check_model_dir(directory)
     if cfg.reward_model:
-        check_reward_model_dir(cfg.reward_model)
+        check_reward_model_dir(reward_model_folder(cfg.reward_model))
     if prompts is None:
         from ..task import corpus
 
@@ -136,7 +148,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         match_vocab(ref, tokenizer, ref_dir)
         ref = ref.to(device)
     if cfg.reward_model:
-        rm_dir = Path(cfg.reward_model)
+        rm_dir = reward_model_folder(cfg.reward_model)
     else:
         rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
     # A LoRA reward model trained on the policy's own base joins the policy as a second adapter.

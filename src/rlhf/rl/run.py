@@ -1,8 +1,7 @@
 """`rlhf ppo`: load the models and prompts, run `PPOTrainer` for N steps, log, sample and save.
 
-Also the seed's one-call form, `ppo_step(policy_model, reward_model, ref_model, prompts)`.
 Loading the inputs is in `inputs`, live hacking detection in `detector`, checkpoints in
-`checkpoint`.
+`checkpoint`; the seed's one-call form, `ppo_step`, is in `step` (and importable from here).
 """
 
 from __future__ import annotations
@@ -16,17 +15,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
 from ..models.policy import save_policy
-from ..models.reward_model import RewardModel
-from ..tracking import RunLogger, progress_bar, save_config, set_seed
+from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
-from .config import PPOConfig, PPORunConfig
+from .config import PPORunConfig
 from .detector import HackingDetector
 from .inputs import load_run_inputs
+from .step import ppo_step as ppo_step  # re-exported
 from .trainer import NonFiniteError, PPOTrainer
 
 
@@ -99,8 +96,15 @@ def train_ppo(
     cfg: PPORunConfig,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    label: str | None = None,
 ) -> dict:
-    """Run PPO and save everything to `cfg.out`; returns the last step's metrics and paths."""
+    """Run PPO and save everything to `cfg.out`; returns a summary of the run.
+
+    Without `cfg.resume`, an earlier run in `cfg.out` is replaced (its files are listed in one
+    printed line); with it, the run continues from its newest checkpoint. `label` names the run
+    on its progress bar (default "PPO (kl_coef B)"). The summary's `steps` counts the steps run
+    by this call; `first_step` is where it started (0, or the checkpoint it resumed from).
+    """
     from ..task.gold import GoldJudge
 
     cfg.validate()
@@ -125,15 +129,22 @@ def train_ppo(
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed)
     detector = HackingDetector()
     first_step = _resume(out, trainer, stream, detector) if cfg.resume else 0
+    if not cfg.resume:
+        replaced = replace_earlier_run(out)
+        if replaced:
+            print(
+                f"{out} held an earlier run: replaced its {', '.join(replaced)} "
+                "(--resume continues a run instead)"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:  # a fresh run replaces the folder's run; its checkpoints go with it
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     save_config(out, cfg)
     start = time.perf_counter()
     metrics: dict = {}
+    # Updated by hand after each step: a `for` over the bar would stop it at N-1 of N, since the
+    # loop leaves by `break` before tqdm counts the last step.
     bar = progress_bar(
-        range(first_step, cfg.steps), desc=f"PPO (kl_coef {cfg.kl_coef:g})", disable=not progress,
-        initial=first_step, total=cfg.steps,
+        total=cfg.steps, initial=first_step, disable=not progress,
+        desc=label or f"PPO (kl_coef {cfg.kl_coef:g})",
     )  # fmt: skip
     resumed = first_step > 0
     step = first_step
@@ -155,7 +166,7 @@ def train_ppo(
             return save_checkpoint(out, done, trainer, extra, keep=cfg.keep_checkpoints)
 
         try:
-            for step in bar:
+            for step in range(first_step, cfg.steps):
                 metrics = trainer.step(stream.next())
                 # Row `step` describes the policy after `step` updates: its rollout came first.
                 logger.log(step, metrics)
@@ -166,6 +177,7 @@ def train_ppo(
                 if "objective/gold" in metrics:
                     postfix["gold"] = f"{metrics['objective/gold']:.2f}"
                 bar.set_postfix(postfix, refresh=False)
+                bar.update()
                 if step % cfg.sample_every == 0 or step == cfg.steps - 1:
                     _write_samples(samples, step, trainer)
                 warning = detector.update(step, metrics)
@@ -184,19 +196,20 @@ def train_ppo(
                 if stop.requested:
                     saved = saved or checkpoint(done)
                     raise Interrupted(
-                        f"interrupted after {done} of {cfg.steps} steps; saved checkpoint {saved}. "
-                        "Continue with the same command plus --resume"
+                        f"interrupted after {done} of {cfg.steps} steps; saved checkpoint {saved}",
+                        resumable=True,
                     )
         except KeyboardInterrupt:
             # A second Ctrl-C: the step in progress may have changed weights half-way, so nothing
             # is saved; the newest checkpoint is where to continue from.
             last = checkpoint_dirs(out)
+            where = f"interrupted during step {step + 1} of {cfg.steps}"
+            if not last:
+                raise Interrupted(
+                    f"{where}, before the first checkpoint; run the command again to start over"
+                ) from None
             raise Interrupted(
-                f"interrupted during step {step + 1} of {cfg.steps}; continue from checkpoint "
-                f"{last[-1]} with the same command plus --resume"
-                if last
-                else f"interrupted during step {step + 1} of {cfg.steps}, before the first "
-                "checkpoint; run the command again to start over"
+                f"{where}; the newest checkpoint is {last[-1]}", resumable=True
             ) from None
         except NonFiniteError as exc:
             last = checkpoint_dirs(out)
@@ -204,14 +217,13 @@ def train_ppo(
             raise NonFiniteError(f"{exc}{kept}") from None
         finally:
             bar.close()
-    save_policy(
-        trainer.policy,
-        tokenizer,
-        out / "policy",
-        merged=out / "policy-merged" if cfg.merge_lora else None,
-    )
+    with quiet_transformers_bars():
+        merged = out / "policy-merged" if cfg.merge_lora else None
+        save_policy(trainer.policy, tokenizer, out / "policy", merged=merged)
     summary = {
-        "steps": cfg.steps,
+        "steps": cfg.steps - first_step,  # run by this call; a resumed run started at first_step
+        "first_step": first_step,
+        "total_steps": cfg.steps,
         "seconds": round(time.perf_counter() - start, 1),
         "final": metrics,
         "hacking_step": detector.step,
@@ -224,10 +236,45 @@ def train_ppo(
 class Interrupted(RLHFError):
     """Ctrl-C during training; the message says which checkpoint to resume from.
 
-    The CLI exits with `exit_code` 130 (128 + SIGINT), as shells expect of an interrupted command.
+    `what` says what happened; when `resumable`, the message adds how to continue (the CLI
+    replaces that part with the exact command). The CLI exits with `exit_code` 130 (128 + SIGINT),
+    as shells expect of an interrupted command.
     """
 
     exit_code = 130
+
+    def __init__(self, what: str, resumable: bool = False):
+        self.what, self.resumable = what, resumable
+        tail = ". Continue by running it again with --resume (resume=True)" if resumable else ""
+        super().__init__(what + tail)
+
+
+# What a run writes into its folder; a new run without --resume removes these first, so nothing
+# of the earlier run (TensorBoard event files especially, which accumulate) mixes with the new one.
+RUN_OUTPUTS = (
+    "metrics.jsonl", "samples.jsonl", "config.json", "summary.json", "tensorboard", "checkpoints",
+    "policy", "reward_kl_tradeoff.png", "training_diagnostics.png",
+)  # fmt: skip
+
+
+def replace_earlier_run(out: Path) -> list[str]:
+    """Remove what an earlier run wrote into `out` (only those names); returns what was there.
+
+    Only a folder that holds a run (its metrics.jsonl, written at the start, or checkpoints) is
+    touched: a `policy/` of the user's own in a folder that never held a run stays.
+    """
+    if not ((out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir()):
+        return []
+    replaced = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            replaced.append(f"{name}/")
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+            replaced.append(name)
+    return replaced
 
 
 def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: HackingDetector) -> int:
@@ -270,41 +317,3 @@ def _write_samples(writer: JsonlWriter, step: int, trainer: PPOTrainer, n: int =
         if gold is not None:
             row["gold"] = round(gold[i], 4)
         writer.write(row)
-
-
-def ppo_step(
-    policy_model,
-    reward_model: RewardModel,
-    ref_model,
-    prompts: list[str],
-    kl_coef: float = 0.1,
-    tokenizer=None,
-    config: PPOConfig | None = None,
-) -> dict[str, float]:
-    """One PPO update step, the seed's call form: sample, score, penalise KL, update; returns metrics.
-
-    The trainer behind it (optimizer state, value head, KL controller) is kept per policy model, so
-    repeated calls continue one run. The tokenizer defaults to the reward model's. For real runs use
-    `PPOTrainer` (or `train_ppo`) directly.
-    """
-    tokenizer = (
-        tokenizer
-        or getattr(reward_model, "tokenizer", None)
-        or getattr(policy_model, "tokenizer", None)
-    )
-    if tokenizer is None:
-        raise ValueError(
-            "ppo_step needs a tokenizer: pass tokenizer= or set reward_model.tokenizer"
-        )
-    # The trainer lives on the policy object itself, so it is freed with it (a WeakKeyDictionary
-    # would keep both alive: the trainer refers back to the policy).
-    trainer = policy_model.__dict__.get("_rlhf_ppo_trainer")
-    if trainer is None:
-        config = config or PPOConfig(
-            kl_coef=kl_coef, batch_size=len(prompts), minibatch_size=len(prompts), steps=1_000_000
-        )
-        trainer = PPOTrainer(policy_model, ref_model, reward_model, tokenizer, config)
-        policy_model.__dict__["_rlhf_ppo_trainer"] = trainer
-    trainer.kl_ctl.value = kl_coef if not trainer.config.adaptive_kl else trainer.kl_ctl.value
-    with torch.enable_grad():
-        return trainer.step(list(prompts))

@@ -24,6 +24,7 @@ import torch
 from ..data import atomic_write_json
 from ..models.forward import swap_slow_gelu
 from ..models.generation import pad_right
+from ..tracking import quiet_transformers_bars
 from . import corpus
 from .tokenizer import train_tokenizer
 
@@ -152,10 +153,8 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = _batches(train_rows, cfg.batch_size, tokenizer.pad_token_id, generator)
     model.train()
-    bar = progress_bar(
-        range(cfg.steps), desc="pretrain base model", disable=not progress, leave=False
-    )
-    for _ in bar:
+    bar = None
+    for _ in range(cfg.steps):
         ids, mask = next(batches)
         loss_sum, n = _lm_loss(model, ids, mask)
         loss = loss_sum / n
@@ -164,7 +163,20 @@ def pretrain_base_model(cfg: BaseModelConfig, progress: bool = True):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        if bar is None:
+            # The bar starts after the first step, which it counts but does not time. The first
+            # step of a fresh process is the slowest (its one-off costs: first allocations, kernel
+            # set-up, code paged in from disk), and tqdm's first ETA is (steps - 1) times that
+            # one step: it read 13 minutes for a one-minute job.
+            bar = progress_bar(
+                total=cfg.steps, initial=1, desc="pretrain base model", disable=not progress,
+                leave=False,
+            )  # fmt: skip
+        else:
+            bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
     model.eval()
     train_seconds = time.perf_counter() - start
 
@@ -203,7 +215,8 @@ def base_model_dir(
     # Build in a temporary folder and rename, so an interrupted build never leaves a half cache.
     staging = Path(tempfile.mkdtemp(prefix=".base-", dir=root))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        with quiet_transformers_bars():
+            model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         atomic_write_json(staging / "base_info.json", info)
         try:

@@ -1,0 +1,200 @@
+"""The options of the `rlhf` commands: dataclass fields as `--options`, grouped for `--help`, and
+the help texts (examples, what a seed fixes, where "(ppo-details N)" points).
+
+Every option comes from a dataclass field; its help is the field's docstring (`field_docs`).
+`cli` builds the parser from these and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+
+EXAMPLES = """\
+examples:
+  rlhf demo                      the whole story on the built-in task: reward model, PPO with and
+                                 without the KL penalty, plots and runs/demo/report.md (about 5 minutes)
+  rlhf demo --quick              the same pipeline at smoke size, in runs/demo-quick (under a minute)
+  rlhf train-reward --out runs/rm
+  rlhf train-reward --data prefs.jsonl --model ./my-sft-model --out runs/rm
+  rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
+  rlhf ppo --advantage-estimator rloo --samples-per-prompt 4 --batch-size 16 --out runs/rloo
+  rlhf dpo --data prefs.jsonl --model ./my-sft-model --out runs/dpo
+  rlhf plot runs/ppo
+
+Each command's --help lists its options by group, with examples.
+"""
+
+PPO_EXAMPLES = """\
+Numbers such as "(ppo-details 19)" point to the checklist in docs/ppo-details.md, which names the
+function that implements each detail and the test that checks it.
+
+One --seed fixes a run on one machine: the same command with the same torch build gives the same
+numbers step for step. Another CPU, torch build or a GPU sums floating-point numbers in another
+order, so runs drift apart after a few steps; the outcome holds, the exact numbers move.
+
+examples:
+  rlhf ppo                       the built-in task: 100 steps against its reward model (trained
+                                 first if the cache has none), gold score shown live
+  rlhf ppo --kl-coef 0 --steps 70 --out runs/no-kl
+                                 no KL penalty: the proxy reward climbs while the gold score falls
+  rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
+                                 your SFT model, your reward model (the --out folder of
+                                 `rlhf train-reward`) and your prompts
+  rlhf ppo ... --resume          the same command plus --resume continues a stopped run; with a
+                                 larger --steps it extends a finished one
+  rlhf plot runs/ppo             reward/KL trade-off and diagnostics figures of a run
+"""
+
+REWARD_EXAMPLES = """\
+examples:
+  rlhf train-reward --out runs/rm
+                                 the built-in task: 6,000 pairs sampled from the base model and
+                                 labelled by the gold judge
+  rlhf train-reward --model ./my-sft-model --data prefs.jsonl --out runs/rm
+                                 your SFT model and preference file
+  rlhf ppo --model ./my-sft-model --reward-model runs/rm --out runs/ppo
+                                 then train a policy against it
+"""
+
+# Where each option appears in `--help`: the groups of each command, in order, with a line each.
+# A field goes to the first of these groups that the command has: the one(s) OPTION_GROUP names
+# for it, those of its name's prefix in OPTION_GROUP_BY_PREFIX, then the group of the config class
+# that declares it (or of its nearest base class). So a new option lands in a sensible group
+# without editing this file.
+PPO_HELP_GROUPS = {
+    "inputs": "the models and prompts to start from (default: the built-in task)",
+    "outputs": "what is written to --out, and how often",
+    "PPO": "the PPO update; (ppo-details N) refers to docs/ppo-details.md",
+    "KL penalty": "the penalty that keeps the policy near the reference",
+    "generation": "how responses are sampled during training",
+    "run": "seed, device, cache and resuming",
+}
+REWARD_HELP_GROUPS = {
+    "inputs": "the preference data and the model to start from (default: the built-in task)",
+    "outputs": "what is written to --out",
+    "preference data": "generating pairs on the built-in task (with no --data)",
+    "training": "the Bradley-Terry training",
+    "run": "seed, device and cache",
+}
+OPTION_GROUP = {
+    **dict.fromkeys(
+        ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
+         "max_length", "chat_template", "trust_remote_code"),
+        "inputs",
+    ),
+    **dict.fromkeys(("out", "sample_every", "save_every", "keep_checkpoints"), "outputs"),
+    **dict.fromkeys(("temperature", "top_k", "top_p"), "generation"),
+    "response_tokens": ("generation", "preference data"),  # train-reward samples pairs with it
+    **dict.fromkeys(("seed", "device", "cache_dir", "resume", "gold"), "run"),
+    **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
+}  # fmt: skip
+OPTION_GROUP_BY_PREFIX = {
+    ("kl_", "adaptive_kl", "target_kl"): ("KL penalty",),
+    ("lora", "micro_batch", "grad_accum", "gradient_accumulation"): ("PPO", "training"),
+}
+OPTION_GROUP_BY_CLASS = {"PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training"}
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (the string literal that follows it)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def option_group(cls: type, name: str, titles) -> str:
+    """The `--help` group (one of `titles`) of field `name` of config class `cls`."""
+    titles = list(titles)
+    named = OPTION_GROUP.get(name, ())
+    candidates = [named] if isinstance(named, str) else list(named)
+    for prefixes, groups in OPTION_GROUP_BY_PREFIX.items():
+        if name.startswith(prefixes):
+            candidates += groups
+    owner = next(k for k in cls.__mro__ if name in inspect.get_annotations(k))  # declares it
+    candidates += [OPTION_GROUP_BY_CLASS.get(k.__name__) for k in owner.__mro__]
+    return next((g for g in candidates if g in titles), titles[-1])
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    groups: dict[str, str] | None = None,
+) -> None:
+    """One `--option` per dataclass field, typed, with the field's default and docstring.
+
+    With `groups` ({title: description}), the options are listed under those headings in
+    `--help` (see `option_group`); options of no group go under the last.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    sections = (
+        {title: parser.add_argument_group(title, text) for title, text in groups.items()}
+        if groups
+        else {}
+    )
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        target = sections[option_group(cls, f.name, sections)] if sections else parser
+        tp = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = docs.get(f.name, "")
+        if tp is bool:
+            target.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            target.add_argument(
+                flag, choices=choices, default=default, help=f"{help_text} (default: {default})"
+            )
+        else:
+            shown = "" if default is None else f" (default: {default})"
+            target.add_argument(
+                flag, type=tp, default=default, metavar=f.name.upper(), help=help_text + shown
+            )
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides):
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
+    values.update(overrides)
+    return cls(**values)
+
+
+def wrap(text: str) -> str:
+    """A description for the raw formatter (which keeps the examples' layout), wrapped here."""
+    return textwrap.fill(text, width=100, break_on_hyphens=False)

@@ -307,14 +307,14 @@ def test_functional_form_fits_recover_known_coefficients():
 def test_ctrl_c_in_demo_or_sweep_does_not_suggest_resume(monkeypatch, capsys, tmp_path, command):
     """Only `rlhf ppo` has --resume; the other commands say what running again will redo."""
     from rlhf import cli, pipeline
-    from rlhf.analysis import sweep
+    from rlhf.analysis import frontier
     from rlhf.rl.run import Interrupted
 
     def interrupted(*args, **kwargs):
         raise Interrupted("interrupted after 3 of 70 steps; ... plus --resume")
 
     monkeypatch.setattr(pipeline, "run_demo", interrupted)
-    monkeypatch.setattr(sweep, "kl_sweep", interrupted)
+    monkeypatch.setattr(frontier, "frontier_sweep", interrupted)
     assert cli.main([command, "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"rlhf {command}: interrupted;") and "--resume" not in err, err
@@ -338,19 +338,57 @@ def test_sweep_rejects_bad_kl_coefs_in_one_line(capsys, tmp_path, value, expecte
     assert not (tmp_path / "s").exists()
 
 
-def test_sweep_command_passes_its_options_to_kl_sweep(monkeypatch, capsys, tmp_path):
+def test_sweep_command_passes_its_options_to_the_sweep(monkeypatch, capsys, tmp_path):
     from rlhf import cli
-    from rlhf.analysis import sweep
+    from rlhf.analysis import frontier
 
     seen = {}
 
-    def fake_sweep(coefs, out, steps, seed, base):
-        seen.update(coefs=coefs, out=out, steps=steps, seed=seed, lr=base.lr)
-        return {"fit_rl": {"a": 1.0, "b": 0.5}, "best_of_n": [{"n": 1}, {"n": 64}]}
+    def fake_sweep(plan, out, base):
+        seen.update(plan=plan, out=out, seed=base.seed, lr=base.lr)
+        return {"methods": {}}
 
-    monkeypatch.setattr(sweep, "kl_sweep", fake_sweep)
+    monkeypatch.setattr(frontier, "frontier_sweep", fake_sweep)
     out = str(tmp_path / "s")
     args = ["sweep", "--kl-coefs", "0, 0.1", "--steps", "5", "--lr", "3e-5", "--seed", "4"]
+    args += [
+        "--algos",
+        "gae,rloo,dpo",
+        "--seeds",
+        "3",
+        "--dpo-betas",
+        "0.2",
+        "--samples-per-prompt",
+        "8",
+    ]
     assert cli.main([*args, "--out", out]) == 0
-    assert seen == {"coefs": [0.0, 0.1], "out": out, "steps": 5, "seed": 4, "lr": 3e-5}
-    assert "n=64" in capsys.readouterr().out
+    plan = seen["plan"]
+    assert (plan.methods, plan.kl_coefs, plan.dpo_betas) == (
+        ["gae", "rloo", "dpo"],
+        [0.0, 0.1],
+        [0.2],
+    )
+    assert (plan.seeds, plan.steps, plan.samples_per_prompt) == (3, 5, 8)
+    assert (seen["out"], seen["seed"], seen["lr"]) == (out, 4, 3e-5)
+    assert "figure:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--algos", "ppo"], "--algos: unknown method 'ppo'"),
+        (
+            ["--algos", "rloo", "--samples-per-prompt", "1"],
+            "--samples-per-prompt 1: a group method",
+        ),
+        (["--dpo-betas", "x"], "--dpo-betas: expected comma-separated numbers"),
+        (["--seeds", "0"], "--seeds must be positive"),
+    ],
+)
+def test_sweep_rejects_bad_options_in_one_line(capsys, tmp_path, argv, expected):
+    from rlhf import cli
+
+    assert cli.main(["sweep", *argv, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "s").exists()

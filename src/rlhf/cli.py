@@ -31,6 +31,14 @@ from .reward.train import RewardConfig
 from .rl.config import PPORunConfig
 from .rl.dpo import DPOConfig
 
+SWEEP_METHODS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "dpo", "best_of_n")
+SWEEP_EXAMPLES = """\
+examples:
+  rlhf sweep                     PPO at five KL coefficients and best-of-n, one seed (about 4 minutes)
+  rlhf sweep --algos gae,rloo,grpo,reinforce_pp,dpo,best_of_n --kl-coefs 0,0.03,0.1 --seeds 3
+                                 every method, three seeds each; run it again to resume
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (argparse prints the whole usage block first),
@@ -142,22 +150,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser(
         "sweep",
-        help="the reward-KL frontier: one PPO run per KL coefficient, plus best-of-n",
+        help="every method on one reward-KL frontier: PPO, RLOO, GRPO, REINFORCE++, DPO, best-of-n",
         description=(
-            "Run PPO once per --kl-coefs value on the built-in task, sample a best-of-n baseline from the "
-            "reference, and plot gold and proxy score against d = sqrt(KL) with the functional forms of "
-            "Gao, Schulman and Hilton (2022) fitted. Writes sweep.png and sweep.json to --out."
+            "On the built-in task, run each method of --algos once per coefficient (--kl-coefs; DPO: "
+            "--dpo-betas) and seed, and plot the gold and proxy score against d = sqrt(KL to the "
+            "reference), mean and band over seeds, with the functional forms of Gao, Schulman and "
+            "Hilton (2022) fitted (R^2 in the legend). Every RL step samples --sequences responses. "
+            "Writes sweep.png, sweep.json and one folder per run to --out; a finished run is read "
+            "back, not run again, so the same command resumes an interrupted sweep."
         ),
+        epilog=SWEEP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument(
+        "--algos",
+        default="gae,best_of_n",
+        help=f"comma-separated methods, from {','.join(SWEEP_METHODS)} (default: gae,best_of_n)",
     )
     sweep.add_argument(
         "--kl-coefs",
         default="0,0.01,0.03,0.1,0.3",
-        help="comma-separated KL coefficients (default: 0,0.01,0.03,0.1,0.3)",
+        help="comma-separated KL coefficients of the RL methods (default: 0,0.01,0.03,0.1,0.3)",
     )
-    sweep.add_argument("--steps", type=int, default=60, help="PPO steps per run (default: 60)")
-    sweep.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (default: 1e-4)")
+    sweep.add_argument(
+        "--dpo-betas",
+        default="0.03,0.1,0.3",
+        help="comma-separated DPO betas (default: 0.03,0.1,0.3)",
+    )
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per setting (default: 1)")
+    sweep.add_argument("--steps", type=int, default=60, help="steps per RL run (default: 60)")
+    sweep.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (default: 1e-4)")
+    sweep.add_argument(
+        "--sequences", type=int, default=64, help="responses sampled per RL step (default: 64)"
+    )
+    sweep.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=4,
+        help="k for rloo, grpo, dr_grpo: --sequences / k prompts, k samples each (default: 4)",
+    )
     sweep.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
-    sweep.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    sweep.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
     sweep.add_argument(
         "--cache-dir", default=None, help="cache for the built-in base and reward models"
     )
@@ -251,33 +284,58 @@ def _run_plot(args) -> None:
             print(f"wrote {path}")
 
 
-def _parse_kl_coefs(text: str) -> list[float]:
+def _parse_numbers(text: str, option: str) -> list[float]:
     try:
-        coefs = [float(part) for part in text.split(",") if part.strip()]
+        numbers = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(
-            f"--kl-coefs: expected comma-separated numbers such as 0,0.03,0.1, got {text!r}"
+            f"{option}: expected comma-separated numbers such as 0,0.03,0.1, got {text!r}"
         ) from None
-    if not coefs or any(not math.isfinite(c) or c < 0 for c in coefs):
-        raise ConfigError(f"--kl-coefs: expected one or more numbers >= 0, got {text!r}")
-    return coefs
+    if not numbers or any(not math.isfinite(c) or c < 0 for c in numbers):
+        raise ConfigError(f"{option}: expected one or more numbers >= 0, got {text!r}")
+    return numbers
+
+
+def _sweep_plan(args):
+    from .analysis.frontier import METHODS, SweepPlan
+
+    methods = [m.strip() for m in args.algos.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(
+            f"--algos: unknown method {unknown[0] if unknown else args.algos!r}; choose from "
+            f"{','.join(METHODS)}"
+        )
+    for name, value in (
+        ("--steps", args.steps),
+        ("--seeds", args.seeds),
+        ("--sequences", args.sequences),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    k = args.samples_per_prompt
+    if any(m in ("rloo", "grpo", "dr_grpo") for m in methods):
+        from .core import check_samples_per_prompt
+
+        check_samples_per_prompt(k, args.sequences, "a group method of --algos")
+    return SweepPlan(
+        methods=methods, kl_coefs=_parse_numbers(args.kl_coefs, "--kl-coefs"),
+        dpo_betas=_parse_numbers(args.dpo_betas, "--dpo-betas"), seeds=args.seeds,
+        steps=args.steps, sequences=args.sequences, samples_per_prompt=k,
+    )  # fmt: skip
 
 
 def _run_sweep(args) -> None:
-    from .analysis.sweep import fit_terms, kl_sweep
+    from .analysis.frontier import frontier_sweep, peak_table
 
-    coefs = _parse_kl_coefs(args.kl_coefs)
-    if args.steps <= 0:
-        raise ConfigError(f"--steps must be positive, got {args.steps}")
+    plan = _sweep_plan(args)
     base = PPORunConfig(lr=args.lr, seed=args.seed, cache_dir=args.cache_dir)
     base.validate()
-    result = kl_sweep(coefs, out=args.out, steps=args.steps, seed=args.seed, base=base)
-    fit = result["fit_rl"]
+    result = frontier_sweep(plan, out=args.out, base=base)
     out = Path(args.out)
     print(
-        f"sweep: {len(coefs)} PPO runs of {args.steps} steps and best-of-n up to "
-        f"n={result['best_of_n'][-1]['n']}; gold fit R(d) = d "
-        f"({fit_terms(fit['a'], fit['b'], 'log d', 3)})\n  figure: {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
+        f"sweep: {', '.join(plan.methods)} over {plan.seeds} seed(s)\n{peak_table(result)}\n"
+        f"  figure:  {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
     )
 
 

@@ -160,6 +160,7 @@ def test_dpo_cli_smoke(tmp_path, tiny_model_dir, capsys) -> None:
     assert (
         "held-out implicit-reward accuracy" in printed and "gold" not in printed
     )  # --data: no gold
+    assert "0.000 (every pair tied: the policy was the reference) ->" in printed
     for name in ("dpo_eval.json", "config.json", "metrics.jsonl", "policy/config.json"):
         assert (out / name).is_file(), name
     assert list((out / "policy").glob("*.safetensors"))

@@ -52,8 +52,8 @@ class DPOConfig:
     """sigmoid (DPO) or ipo (squared loss on per-token log-ratios, as TRL)"""
     label_smoothing: float = 0.0
     """assumed rate of flipped labels for the sigmoid loss (conservative DPO); 0: off"""
-    lr: float = 1e-5
-    """AdamW learning rate (linear decay to zero)"""
+    lr: float = 1e-4
+    """AdamW learning rate (linear decay to zero); 1e-4 gave the best gold score on the built-in task"""
     epochs: int = 1
     """passes over the training pairs"""
     batch_size: int = 32

@@ -84,9 +84,10 @@ def test_dpo_run_learns_a_preference_that_holds_on_held_out_pairs(tmp_path, tiny
     result = train_dpo(cfg, progress=False)
     before, after = result["before"], result["after"]
     # Before training the policy is the reference: every implicit reward is 0, the loss log 2.
-    assert before["accuracy"] == 0.0 and math.isclose(before["loss"], math.log(2), abs_tol=1e-6)
+    assert before["accuracy"] == 0.0 and before["ties"] == 1.0
+    assert math.isclose(before["loss"], math.log(2), abs_tol=1e-6)
     # After: every held-out pair (unseen prompt-ending combinations) is ranked the right way.
-    assert after["n_pairs"] == 10 and after["accuracy"] == 1.0
+    assert after["n_pairs"] == 10 and after["accuracy"] == 1.0 and after["ties"] == 0.0
     assert after["loss"] < 0.4 and after["margin"] > 0.5
     out = tmp_path / "dpo"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -159,6 +160,7 @@ def test_dpo_cli_smoke(tmp_path, tiny_model_dir, capsys) -> None:
     assert (
         "held-out implicit-reward accuracy" in printed and "gold" not in printed
     )  # --data: no gold
+    assert "0.000 (every pair tied: the policy was the reference) ->" in printed
     for name in ("dpo_eval.json", "config.json", "metrics.jsonl", "policy/config.json"):
         assert (out / name).is_file(), name
     assert list((out / "policy").glob("*.safetensors"))

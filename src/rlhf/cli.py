@@ -256,6 +256,9 @@ def _run_dpo(args) -> None:
     result = train_dpo(cfg)
     out = Path(cfg.out)
     before, after = result["before"]["accuracy"], result["after"]["accuracy"]
+    tied = (
+        " (every pair tied: the policy was the reference)" if result["before"]["ties"] == 1 else ""
+    )
     gold = ""
     if "policy" in result:
         gold = (
@@ -264,7 +267,7 @@ def _run_dpo(args) -> None:
         )
     print(
         f"DPO: {result['steps']} steps in {result['seconds']:.0f} s; held-out implicit-reward "
-        f"accuracy {before:.3f} -> {after:.3f}{gold}\n"
+        f"accuracy {before:.3f}{tied} -> {after:.3f}{gold}\n"
         f"  policy:  {out / 'policy'}\n"
         f"  eval:    {out / 'dpo_eval.json'}\n"
         f"  metrics: {out / 'metrics.jsonl'}"

@@ -414,7 +414,9 @@ def test_trainer_feeds_the_sequence_kl_to_the_adaptive_controller(tiny_tokenizer
     m1 = trainer.step(PROMPTS)
     assert m1["objective/kl_coef"] == 0.1
     # The KL the controller must see, computed here: summed over tokens, averaged over sequences.
-    kl, _ = _token_kl_here(before, trainer.ref_model, trainer.last_rollout, tiny_tokenizer.eos_token_id)
+    kl, _ = _token_kl_here(
+        before, trainer.ref_model, trainer.last_rollout, tiny_tokenizer.eos_token_id
+    )
     error = kl.sum(1).mean().item() / 3.0 - 1.0
     assert 0 < abs(error) < 0.2
     expected = 0.1 * (1 + error * len(PROMPTS) / 100)

@@ -82,7 +82,11 @@ class RewardConfig:
 
     def validate(self) -> None:
         for name in (
-            "n_pairs", "response_tokens", "epochs", "batch_size", "normalise_response_tokens"
+            "n_pairs",
+            "response_tokens",
+            "epochs",
+            "batch_size",
+            "normalise_response_tokens",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(

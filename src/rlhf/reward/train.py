@@ -68,7 +68,7 @@ class RewardConfig:
     normalise_samples: int = 512
     """base-model samples used to set the reward's gain and bias (mean 0, std 1); 0 turns it off"""
     normalise_response_tokens: int = 24
-    """length of those samples, in tokens: use the --response-tokens of `rlhf ppo` (default 24)"""
+    """length of those samples, in tokens: the --response-tokens of `rlhf ppo` that will use the model"""
     seed: int = 0
     """seed for sampling, splitting, initialisation and batches"""
     device: str = "auto"

@@ -3,10 +3,10 @@
 A checkpoint is a folder `checkpoints/step-NNNNNN/` (N = completed steps) holding the policy and
 value weights (safetensors), `state.pt` (optimizer, scheduler, KL controller, random generator
 states, prompt-stream position, the metrics logged so far), loaded back with
-`torch.load(weights_only=True)`, and `config.json`, the options of the run that wrote it:
-`check_resume_options` refuses a resume whose options would change the algorithm. It is written to a temporary folder, flushed to disk and renamed
-into place, so a crash mid-write leaves the previous one intact; the next save removes the
-half-written folder.
+`torch.load(weights_only=True)`, and `config.json`, the options of the run that wrote it
+(`check_resume_options` refuses a resume whose options would change the algorithm). It is written
+to a temporary folder, flushed to disk and renamed into place, so a crash mid-write leaves the
+previous one intact; the next save removes the half-written folder.
 """
 
 from __future__ import annotations

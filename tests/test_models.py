@@ -50,14 +50,24 @@ def test_reward_is_the_same_under_left_and_right_padding(tiny_tokenizer, arch):
         torch.testing.assert_close(rm(ids, mask), alone, atol=1e-5, rtol=1e-5)
 
 
-def test_head_init_and_hidden_size(tiny_lm):
-    d = tiny_lm.config.n_embd
-    torch.manual_seed(0)
+def test_head_hidden_size(tiny_lm):
     rm = RewardModel(tiny_lm)
-    assert rm.reward_head.in_features == d == 32
+    assert rm.reward_head.in_features == tiny_lm.config.n_embd == 32
     assert torch.all(rm.reward_head.bias == 0)
-    # std of N(0, 1/sqrt(d+1)) is 1/sqrt(33) = 0.174; 32 samples, generous bounds
-    assert 0.08 < rm.reward_head.weight.std().item() < 0.3
+
+
+def test_head_init_is_normal_with_std_one_over_sqrt_d_plus_1():
+    # d = 1023: std 1/sqrt(1024) = 1/32 = 0.03125. The sample std of 1023 draws has a relative
+    # standard error of 1/sqrt(2 * 1022) = 2.2%, so +-10% is 4.5 standard errors. PyTorch's default
+    # Linear init, U(-1/sqrt(d), 1/sqrt(d)), has std 1/sqrt(3d) = 0.0181 and is far outside.
+    torch.manual_seed(0)
+    rm = RewardModel(OneHotLM(1023))
+    w = rm.reward_head.weight.detach().flatten()  # (1023,)
+    assert torch.all(rm.reward_head.bias == 0)
+    assert 0.9 / 32 < w.std().item() < 1.1 / 32
+    assert abs(w.mean().item()) < 4 / 32 / math.sqrt(1023)  # 4 standard errors of the mean
+    # Normal, not uniform: about 4.6% of normal draws lie beyond 2 std; a uniform has none.
+    assert (w.abs() > 2 / 32).float().mean().item() > 0.02
 
 
 def test_frozen_base_gets_no_gradient(tiny_lm, tiny_tokenizer):
@@ -137,6 +147,26 @@ def test_reward_model_round_trip(tmp_path, tiny_lm, tiny_tokenizer):
         [tiny_tokenizer("the plot was dull .")["input_ids"]], tiny_tokenizer.pad_token_id, "right"
     )
     torch.testing.assert_close(loaded(ids, mask), rm(ids, mask))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_value_model_from_the_reward_model_starts_at_the_normalised_reward(tiny_tokenizer, side):
+    from conftest import make_tiny_lm
+    from rlhf.models.policy import ValueModel
+
+    rm = RewardModel(make_tiny_lm(tiny_tokenizer, seed=3)).eval()
+    rm.set_normalisation(torch.tensor([0.3, 0.5, 0.9]))  # gain 3.2733, bias -1.8549: not 1 and 0
+    assert abs(rm.reward_gain.item() - 1) > 1 and abs(rm.reward_bias.item()) > 1
+    rows = [tiny_tokenizer(t)["input_ids"] for t in ["the plot was dull .", "great", "the phone ."]]
+    ids, mask = _pad(rows, tiny_tokenizer.pad_token_id, side)
+    with torch.no_grad():
+        rewards = rm(ids, mask)  # (B,)
+        value_model = ValueModel(rm).eval()
+        values = value_model(ids, mask)  # (B, T)
+        after = rm(ids, mask)  # (B,)
+    last = last_token_index(mask)  # (B,)
+    torch.testing.assert_close(values[torch.arange(3), last], rewards, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, rewards)  # the reward model's own head is not scaled
 
 
 def test_value_head_starts_at_zero(tiny_lm, tiny_tokenizer):

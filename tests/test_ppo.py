@@ -24,7 +24,7 @@ from torch import nn
 
 from conftest import make_tiny_lm
 from rlhf import core
-from rlhf.errors import ConfigError, RLHFError
+from rlhf.errors import ConfigError
 from rlhf.models.forward import position_ids_from_mask
 from rlhf.models.reward_model import RewardModel
 from rlhf.rl.config import AdaptiveKLController, FixedKLController, PPOConfig
@@ -108,6 +108,31 @@ def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _response_mask_here(response: torch.Tensor, eos: int) -> torch.Tensor:
+    """1 up to and including each row's first EOS, written out with a loop (not core's)."""
+    mask = torch.zeros(response.shape)  # (B, R)
+    for i, row in enumerate(response.tolist()):
+        mask[i, : row.index(eos) + 1 if eos in row else len(row)] = 1
+    return mask
+
+
+def _token_kl_here(policy_lm: nn.Module, ref: nn.Module, b, eos: int, exact: bool = False):
+    """Per-token KL(policy || ref) on the rollout's responses and the mask, computed here from the
+    models and the sampled tokens only: k1 on the sampled token, or the exact KL over the
+    vocabulary. Returns (kl (B, R), mask (B, R))."""
+    P = _prompt_len(b)
+    response = b.query_response[:, P:]  # (B, R)
+    mask = _response_mask_here(response, eos)  # (B, R)
+    attention = torch.cat([b.attention_mask[:, :P], mask.long()], 1)  # (B, P+R)
+    logp = F.log_softmax(_raw_logits(policy_lm, b.query_response, attention, P), -1)  # (B, R, V)
+    logq = F.log_softmax(_raw_logits(ref, b.query_response, attention, P), -1)  # (B, R, V)
+    if exact:
+        kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, R)
+    else:
+        kl = (logp - logq).gather(-1, response[..., None]).squeeze(-1)  # (B, R)
+    return kl * mask, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,9 +230,10 @@ def test_garbage_after_eos_changes_no_loss_and_no_update(tiny_tokenizer, kl_in):
 def test_response_logprobs_do_not_depend_on_left_padding(tiny_tokenizer, arch):
     # Greedy sampling (top_k=1), so the short prompt gets the same response alone and batched:
     # that checks the KV-cached positions in generation as well as the full forward passes.
-    trainer = _trainer(
-        tiny_tokenizer, arch=arch, ref_seed=1, top_k=1, batch_size=2, minibatch_size=1
-    )
+    # PPOConfig.validate refuses top-k (the log-probs are those of the full softmax), so it is set
+    # after construction: this test compares rollouts, it trains nothing.
+    trainer = _trainer(tiny_tokenizer, arch=arch, ref_seed=1, batch_size=2, minibatch_size=1)
+    trainer.config.top_k = 1
     short, long = "the plot", "i watched this film and i loved every minute of it"
     alone, batched = trainer.rollout([short]), trainer.rollout([short, long])
     assert _prompt_len(batched) > _prompt_len(alone)  # the short prompt is left-padded
@@ -363,25 +389,87 @@ def test_adaptive_kl_compounds_and_fixed_kl_stays():
     assert fixed.value == 0.1
 
 
+def test_objective_kl_is_summed_over_tokens_and_averaged_over_sequences(tiny_tokenizer):
+    trainer = _distant_reference(_trainer(tiny_tokenizer, eos_bias=3.5, ref_seed=1, lr=1e-3))
+    before = copy.deepcopy(trainer.policy.lm)  # the policy that sampled the rollout
+    metrics = trainer.step(PROMPTS)
+    b = trainer.last_rollout
+    kl, mask = _token_kl_here(before, trainer.ref_model, b, tiny_tokenizer.eos_token_id)
+    assert len(set(mask.sum(1).tolist())) > 1  # responses of different lengths
+    per_sequence = kl.sum(1).mean().item()  # nats per sequence
+    assert metrics["objective/kl"] == pytest.approx(per_sequence, rel=1e-5, abs=1e-6)
+    # The other reductions give clearly different numbers, so the test can tell them apart.
+    per_token = (kl.sum() / mask.sum()).item()
+    assert abs(per_sequence - per_token) > 0.5 and abs(per_sequence - kl.sum().item()) > 0.5
+
+
 def test_trainer_feeds_the_sequence_kl_to_the_adaptive_controller(tiny_tokenizer):
-    trainer = _trainer(
-        tiny_tokenizer,
-        eos_bias=3.5,
-        ref_seed=1,
-        adaptive_kl=True,
-        kl_coef=0.1,
-        target_kl=1.0,
-        kl_horizon=100,
-    )
+    # A reference about 3 nats per sequence away and a target of 3, so that the error is not
+    # clipped and the new beta depends on the KL's exact value.
+    trainer = _distant_reference(
+        _trainer(tiny_tokenizer, eos_bias=3.5, ref_seed=1, adaptive_kl=True, kl_coef=0.1,
+                 target_kl=3.0, kl_horizon=100)
+    )  # fmt: skip
+    before = copy.deepcopy(trainer.policy.lm)
+    # Aim the target 10% above the first batch's KL (read off a rollout of the same draws), so
+    # the controller's error is about -0.1 whatever the sample: inside the clip, as intended.
+    draws = trainer.generator.get_state()
+    probe = trainer.rollout(PROMPTS)
+    trainer.generator.set_state(draws)
+    trainer.kl_ctl.target = ((probe.logprobs - probe.ref_logprobs) * probe.response_mask).sum(
+        1
+    ).mean().item() / 0.9
     m1 = trainer.step(PROMPTS)
     assert m1["objective/kl_coef"] == 0.1
-    error = min(max(m1["objective/kl"] / 1.0 - 1.0, -0.2), 0.2)
-    assert error != 0
-    assert trainer.kl_ctl.value == pytest.approx(0.1 * (1 + error * len(PROMPTS) / 100), rel=1e-9)
-    m2 = trainer.step(PROMPTS)
-    assert m2["objective/kl_coef"] == pytest.approx(
-        0.1 * (1 + error * len(PROMPTS) / 100), rel=1e-9
+    # The KL the controller must see, computed here: summed over tokens, averaged over sequences.
+    kl, _ = _token_kl_here(
+        before, trainer.ref_model, trainer.last_rollout, tiny_tokenizer.eos_token_id
     )
+    error = kl.sum(1).mean().item() / trainer.kl_ctl.target - 1.0
+    assert 0 < abs(error) < 0.2
+    expected = 0.1 * (1 + error * len(PROMPTS) / 100)
+    assert trainer.kl_ctl.value == pytest.approx(expected, rel=1e-6)
+    m2 = trainer.step(PROMPTS)
+    assert m2["objective/kl_coef"] == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7b. The KL as a loss term (--kl-in loss) pulls the policy toward the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _distant_reference(trainer: PPOTrainer) -> PPOTrainer:
+    """Shift the reference's output biases by seeded N(0, 1) noise: two random tiny models are
+    nearly uniform and barely differ (about 0.07 nats per sequence); this makes it about 3."""
+    bias = trainer.ref_model.lm_head.bias  # the EOS-biased head of `_eos_bias`
+    with torch.no_grad():
+        bias += torch.randn(bias.shape, generator=torch.Generator().manual_seed(5))
+    return trainer
+
+
+def _exact_sequence_kl(trainer: PPOTrainer, b, eos: int) -> float:
+    kl, _ = _token_kl_here(trainer.policy.lm, trainer.ref_model, b, eos, exact=True)
+    return kl.sum(1).mean().item()
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_kl_loss_term_moves_the_policy_toward_the_reference(tiny_tokenizer, estimator):
+    # Two trainers with the same weights update on the same rollout (with --kl-in loss the rollout
+    # does not depend on beta); only beta differs. The KL term must leave the policy closer to the
+    # reference than the same update without it: a deleted term gives equal KLs, a flipped sign a
+    # larger one.
+    eos = tiny_tokenizer.eos_token_id
+    config = dict(eos_bias=3.5, ref_seed=1, kl_in="loss", kl_estimator=estimator, lr=1e-3)
+    free = _distant_reference(_trainer(tiny_tokenizer, kl_coef=0.0, **config))
+    held = _distant_reference(_trainer(tiny_tokenizer, kl_coef=1.0, **config))
+    b = free.rollout(PROMPTS)
+    start = _exact_sequence_kl(free, b, eos)
+    free.update(b)
+    held.update(b)
+    kl_free, kl_held = _exact_sequence_kl(free, b, eos), _exact_sequence_kl(held, b, eos)
+    # Measured: start 3.13, without the term 3.01, with it 2.87 (k2) and 2.82 (k3); with the sign
+    # flipped 3.30.
+    assert kl_held < kl_free - 0.03 * start, (start, kl_free, kl_held)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +483,9 @@ def test_trainer_feeds_the_sequence_kl_to_the_adaptive_controller(tiny_tokenizer
         (dict(batch_size=8, minibatch_size=3), "--minibatch-size"),
         (dict(kl_coef=-0.1), "--kl-coef"),
         (dict(kl_estimator="exact", kl_in="loss"), "--kl-estimator"),
+        (dict(kl_in="loss", kl_estimator="k1"), "--kl-estimator k3"),  # a zero-mean gradient
+        (dict(top_k=5), "--top-k 5"),
+        (dict(top_p=0.9), "--top-p 0.9"),
         (dict(temperature=0.0), "--temperature"),
         (dict(steps=0), "--steps"),
     ],
@@ -404,10 +495,21 @@ def test_bad_config_raises_config_error_naming_the_option(tiny_tokenizer, config
         _trainer(tiny_tokenizer, **config)
 
 
+def test_kl_in_loss_alone_takes_k3():
+    """--kl-estimator auto resolves to k3 in the loss (k1 would be refused) and k1 in the reward."""
+    in_loss, in_reward = PPOConfig(kl_in="loss"), PPOConfig()
+    in_loss.validate()
+    in_reward.validate()
+    assert (in_loss.kl_estimator, in_reward.kl_estimator, in_reward.kl_in) == ("k3", "k1", "reward")
+
+
 @pytest.mark.parametrize(
     "config",
     [
         dict(kl_estimator="exact", kl_in="loss"),
+        dict(kl_estimator="k1", kl_in="loss"),
+        dict(top_k=1),
+        dict(top_p=0.5),
         dict(kl_estimator="k4"),
         dict(kl_in="rewards"),
         dict(adaptive_kl=True, kl_horizon=0),
@@ -418,18 +520,15 @@ def test_validate_checks_every_choice_up_front(config):
         PPOConfig(**config).validate()
 
 
-def test_policy_passed_as_its_own_reference_fails_loudly_or_still_trains(tiny_tokenizer):
+@pytest.mark.parametrize("shared", ["reference", "reward trunk"])
+def test_policy_passed_as_its_own_reference_or_reward_trunk_is_refused(tiny_tokenizer, shared):
+    # Training would move the frozen reference (or the reward model) along with the policy.
     policy = make_tiny_lm(tiny_tokenizer)
-    reward_model = RewardModel(make_tiny_lm(tiny_tokenizer, seed=2), tokenizer=tiny_tokenizer)
-    try:
-        trainer = PPOTrainer(
-            policy, policy, reward_model, tiny_tokenizer, PPOConfig(**SMALL, lr=1e-3)
-        )
-    except RLHFError:
-        return
-    before = _clone_state(policy)
-    trainer.step(PROMPTS)
-    assert not _same_state(_clone_state(policy), before)
+    ref = policy if shared == "reference" else copy.deepcopy(policy)
+    trunk = policy if shared == "reward trunk" else make_tiny_lm(tiny_tokenizer, seed=2)
+    reward_model = RewardModel(trunk, tokenizer=tiny_tokenizer)
+    with pytest.raises(ConfigError, match="must be separate copies of the policy"):
+        PPOTrainer(policy, ref, reward_model, tiny_tokenizer, PPOConfig(**SMALL, lr=1e-3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,12 +12,19 @@ from rlhf.cli import main
 from rlhf.models.reward_model import RewardModel
 from rlhf.task.tokenizer import train_tokenizer
 
+PROMPTS = ["the acting was", "this phone", "the plot", "the blender", "i watched this film and",
+           "the headphones"]  # fmt: skip
+GOOD = ["superb and the story was moving .", "great . the battery lasts all day .",
+        "moving and i loved it .", "works well .", "i loved every minute of it .",
+        "great and it works well ."]  # fmt: skip
+BAD = ["dull and the ending felt weak .", "broke after a week .", "was dull .", "is loud and broke .",
+       "weak . i want a refund .", "loud . the ending felt dull ."]  # fmt: skip
+# 54 distinct (prompt, chosen, rejected) triples, every 4th of the 216: no pair is repeated, so a
+# held-out pair is never also a training pair (the model must rank new combinations).
 PAIRS = [
-    ("the acting was", "superb and the story was moving .", "dull and the ending felt weak ."),
-    ("this phone", "is great . the battery lasts all day .", "broke after a week ."),
-    ("the plot", "was moving and i loved it .", "was dull ."),
-    ("the blender", "works well .", "is loud and broke ."),
-] * 6
+    (PROMPTS[p], GOOD[g], BAD[b])
+    for p, g, b in itertools.islice(itertools.product(range(6), repeat=3), 0, None, 4)
+]
 
 
 def _write_pairs(path, fmt="ab"):
@@ -55,13 +63,15 @@ def test_train_reward_cli_on_a_tiny_model(tmp_path, tiny_model_dir, fmt, capsys)
     assert {"accuracy", "ceiling", "loss", "margin"} <= set(result)
     config = json.loads((out / "config.json").read_text())
     assert config["data"] == str(data) and config["epochs"] == 8
+    assert config["max_length"] == 128  # resolved: 256, or the model's 128 positions if lower
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in logged if "reward/loss" in r]
     assert {"reward/loss", "reward/accuracy", "reward/margin"} <= set(rows[0])
     assert any("reward/eval_accuracy" in r for r in logged)
-    # The pairs are easy and repeated: the trained model must rank the held-out pairs correctly,
-    # and its loss must have fallen.
-    assert result["accuracy"] == 1.0
+    # Held-out pairs are 14 combinations never seen in training (PAIRS has no repeats). Chance
+    # would rank at least 13 of 14 correctly with probability 15/16384; measured: 14 of 14.
+    assert len(set(PAIRS)) == len(PAIRS) == 54 and result["n_pairs"] == 14
+    assert result["accuracy"] >= 13 / 14
     assert rows[-1]["reward/loss"] < rows[0]["reward/loss"]
     # The saved model loads back and the base weights moved (the whole model is fine-tuned).
     from transformers import AutoModelForCausalLM
@@ -97,6 +107,50 @@ def test_result_does_not_depend_on_rng_draws_while_loading(tmp_path, tiny_model_
         return RewardModel.from_pretrained(tmp_path / name / "reward_model").reward_head.weight
 
     assert torch.equal(run("warm", 0), run("cold", 1000))
+
+
+def test_normalisation_uses_the_length_ppo_samples():
+    from rlhf.reward.train import RewardConfig
+    from rlhf.rl.config import PPOConfig
+
+    assert RewardConfig().normalise_response_tokens == PPOConfig().response_tokens
+
+
+def test_reference_samples_score_mean_0_std_1_the_way_ppo_scores_them(tmp_path, tiny_model_dir):
+    """ppo-details 9: after train_reward, fresh samples of the base (reference) model, drawn and
+    scored by PPOTrainer itself, have mean 0 and std 1.
+
+    Sampling error: the gain and bias are fitted on N = 512 samples and checked on M = 512 fresh
+    ones, so the difference of means has standard error sqrt(1/N + 1/M) = 0.0625 (in units of the
+    std) and the ratio of stds a relative one of about sqrt(1/2N + 1/2M) = 0.044. The bounds are 4
+    and 4.5 of those. Measured: mean -0.09, std 0.93. The normalisation fitted as before (40-token
+    samples scored through decoded and re-encoded text) gives mean -4.2, std 1.5 here, and 8-token
+    samples scored through text mean -1.1, std 0.76.
+    """
+    import copy
+
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.reward.train import RewardConfig, train_reward
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.trainer import PPOTrainer
+
+    data = tmp_path / "prefs.jsonl"
+    _write_pairs(data, "chosen_rejected")
+    n = 512
+    cfg = RewardConfig(
+        out=str(tmp_path / "rm"), data=str(data), model=str(tiny_model_dir), epochs=8,
+        batch_size=8, lr=3e-3, eval_fraction=0.25, normalise_samples=n,
+        normalise_response_tokens=8, device="cpu",
+    )  # fmt: skip
+    assert cfg.response_tokens != cfg.normalise_response_tokens
+    train_reward(cfg, progress=False)
+    rm = RewardModel.from_pretrained(tmp_path / "rm" / "reward_model")
+    lm = load_causal_lm(tiny_model_dir)
+    ppo = PPOConfig(batch_size=n, minibatch_size=n, response_tokens=8, seed=123)
+    trainer = PPOTrainer(lm, copy.deepcopy(lm), rm, load_tokenizer(tiny_model_dir), ppo)
+    scores = trainer.rollout([PROMPTS[i % len(PROMPTS)] for i in range(n)]).scores  # (M,)
+    assert abs(scores.mean().item()) < 0.25, scores.mean()
+    assert abs(scores.std().item() - 1) < 0.2, scores.std()
 
 
 def test_bad_preference_file_gives_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):

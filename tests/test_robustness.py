@@ -270,6 +270,28 @@ def test_prompt_files_and_one_warning_for_long_prompts(
         assert len(tiny_tokenizer(row["prompt"])["input_ids"]) <= 4
 
 
+def test_prompts_too_long_for_the_positions_are_refused_with_the_fix(
+    tmp_path, folders, tiny_tokenizer, capsys
+):
+    # The tiny GPT-2 has 128 positions. Prompts cut to --max-prompt-tokens 128 plus 4 response
+    # tokens plus the scoring EOS need 133: without the check, an IndexError in the position table.
+    path = tmp_path / "long.txt"
+    path.write_text("".join("i watched this film and i loved every minute of it . " * 30 + f"{i}\n"
+                            for i in range(4)))  # fmt: skip
+    assert len(tiny_tokenizer(path.read_text().splitlines()[0])["input_ids"]) > 300
+    args = _ppo_args(folders, tmp_path / "run", "--steps", "1", *PPO_SMALL)
+    args[args.index("--prompts") + 1] = str(path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "IndexError" not in err, err
+    assert err.startswith(f"rlhf ppo: error: {path}: the longest prompt has 128 tokens"), err
+    assert "--response-tokens 4 and 1 scoring token that is 133, more than the 128 positions" in err
+    fix = re.search(r"lower --max-prompt-tokens to (\d+) or less$", err)
+    assert fix and int(fix.group(1)) == 123, err
+    # The suggested value runs.
+    assert main([*args, "--max-prompt-tokens", fix.group(1)]) == 0
+
+
 def test_truncated_prompts_keep_their_last_tokens(tiny_tokenizer):
     from rlhf.models.generation import truncate_prompts
 
@@ -391,7 +413,13 @@ def test_resume_extends_a_finished_run(tmp_path, folders, reference_run, capsys)
         (["--steps", "30"], "is already at step 40; --steps 30 leaves nothing to run"),
         (
             ["--model", "DIR:llama", "--steps", "50"],
-            "step-000040: its weights do not fit this model",
+            "step-000040: --model ",  # and the two folders; --steps may grow (constant LR)
+        ),
+        (
+            # The saved optimizer state would silently replace a new --lr; it is refused instead.
+            ["--lr", "1e-3", "--steps", "50", "--batch-size", "8"],
+            "options differ from the run that wrote "
+            "STEP40: --batch-size 4 -> 8, --lr 3e-05 -> 0.001; resume with that run's values",
         ),
     ],
 )
@@ -403,15 +431,37 @@ def test_resume_that_cannot_continue_is_one_line(
     before = _tree(out)
     args = _ppo_args(folders, out, *PPO_LONG, "--resume")
     for option, value in zip(change[::2], change[1::2]):
-        args[args.index(option) + 1] = (
-            str(folders[value[4:]]) if value.startswith("DIR:") else value
-        )
+        value = str(folders[value[4:]]) if value.startswith("DIR:") else value
+        if option in args:
+            args[args.index(option) + 1] = value
+        else:
+            args += [option, value]
+    expected = expected.replace("STEP40", str(out / "checkpoints" / "step-000040"))
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("rlhf ppo: error: ") and expected in err, (
         err
     )
     assert _tree(out) == before
+
+
+def test_resume_with_linear_decay_refuses_a_new_step_count(tmp_path, folders, capsys):
+    # The linear schedule decays to zero over --steps; a new --steps would restart the decay from
+    # a new horizon part-way, so it is refused. The same --steps resumes.
+    out = tmp_path / "run"
+    base = [*PPO_SMALL, "--lr-schedule", "linear", "--save-every", "2"]
+    assert main(_ppo_args(folders, out, "--steps", "2", *base)) == 0
+    capsys.readouterr()
+    assert main(_ppo_args(folders, out, "--steps", "4", *base, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--steps 2 -> 4 (--lr-schedule linear fixed the decay to zero at 2 steps)" in err, err
+    # With the constant schedule the same extension is allowed.
+    const = tmp_path / "const"
+    assert main(_ppo_args(folders, const, "--steps", "2", *PPO_SMALL, "--save-every", "2")) == 0
+    assert main(_ppo_args(folders, const, "--steps", "4", *PPO_SMALL, "--save-every", "2",
+                          "--resume")) == 0  # fmt: skip
+    assert "(step 2)" in capsys.readouterr().out
 
 
 def test_second_ctrl_c_stops_at_once_and_the_handler_is_restored(capfd):
@@ -586,6 +636,9 @@ BAD_INPUTS = {
     "ppo-minibatch": ("ppo", {"--minibatch-size": "3"}, "--minibatch-size 3 must divide --batch-size 4", False),
     "ppo-steps": ("ppo", {"--steps": "0"}, "--steps must be positive, got 0", False),
     "ppo-response-tokens": ("ppo", {"--response-tokens": "-2"}, "--response-tokens must be positive", False),
+    "ppo-kl-in-loss-k1": ("ppo", {"--kl-in": "loss", "--kl-estimator": "k1"}, "--kl-in loss with --kl-estimator k1 gives no KL constraint", False),
+    "ppo-top-k": ("ppo", {"--top-k": "50"}, "--top-k 50: PPO samples from the full softmax", False),
+    "ppo-prompts-too-long": ("ppo", {"--prompts": "FILE:p.txt:" + "the acting was superb . " * 40 + "\n"}, "more than the 128 positions of --model", False),
     "ppo-keep-checkpoints": ("ppo", {"--keep-checkpoints": "0"}, "--keep-checkpoints must be positive, got 0", False),
     "ppo-resume-nothing": ("ppo", {"--resume": None}, "--resume: no checkpoint in", False),
     "ppo-device": ("ppo", {"--device": "nonsense"}, "--device: unknown device 'nonsense'", False),
@@ -606,6 +659,7 @@ BAD_INPUTS = {
     "rm-model-not-causal": ("train-reward", {"--model": "DIR:bert"}, "bert: not a causal language model", True),
     "rm-model-tokenizer-mismatch": ("train-reward", {"--model": "DIR:mismatch"}, "tokenizer has 300 tokens but the model has only 250", True),
     "rm-chat-template-missing": ("train-reward", {"--chat-template": None}, "--chat-template: the tokenizer in", False),
+    "rm-max-length": ("train-reward", {"--max-length": "300"}, "--max-length 300 exceeds the 128 positions of the model in", False),
     "rm-batch-size": ("train-reward", {"--batch-size": "0"}, "--batch-size must be positive, got 0", False),
     "rm-epochs": ("train-reward", {"--epochs": "-1"}, "--epochs must be positive, got -1", False),
     "rm-lr": ("train-reward", {"--lr": "0"}, "--lr must be positive", False),

@@ -41,6 +41,23 @@ def check_model_dir(directory: str | Path) -> Path:
     return path
 
 
+def position_limit(directory: str | Path) -> int | None:
+    """Longest sequence the model in this folder can take, from its config.json (`n_positions` or
+    `max_position_embeddings`, also inside a `text_config`); None when the config names none."""
+    import json
+
+    path = check_model_dir(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read ({type(exc).__name__})") from None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("n_positions", "max_position_embeddings"):
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key]
+    return None
+
+
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

@@ -141,12 +141,22 @@ def save_policy(
 
 
 class ValueModel(nn.Module):
-    """A separate value network: a copy of the reward model's trunk and head, read at every token."""
+    """A separate value network: a copy of the reward model's trunk and head, read at every token.
+
+    The reward model's normalisation (`reward = gain * head(h) + bias`) is folded into the copied
+    head, so at the start the value at a sequence's last token is the normalised reward PPO trains
+    on, on the scale of the returns.
+    """
 
     def __init__(self, reward_model: RewardModel):
         super().__init__()
         self.lm = copy.deepcopy(reward_model.base_model)
         self.value_head = copy.deepcopy(reward_model.reward_head)
+        with torch.no_grad():
+            gain = reward_model.reward_gain.to(self.value_head.weight.dtype)
+            offset = reward_model.reward_bias.to(self.value_head.bias.dtype)
+            self.value_head.weight.mul_(gain)
+            self.value_head.bias.mul_(gain).add_(offset)
         for p in self.parameters():
             p.requires_grad_(True)
 

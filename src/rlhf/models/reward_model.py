@@ -1,6 +1,7 @@
 """`RewardModel`: a scalar reward on any Hugging Face causal LM, saved and loaded with safetensors.
+`score_responses` scores sampled responses from token ids, the way PPO does.
 
-Shapes: B batch, T tokens, H hidden size.
+Shapes: B batch, T tokens, H hidden size, P prompt tokens (left-padded), R response tokens.
 
 The reward is read from the final layer's hidden state at the last real token of each sequence (the
 EOS when there is one), found from the attention mask so left and right padding give the same
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core import response_mask_from_eos
 from ..data import atomic_write, atomic_write_json
 from ..errors import InputError
 from .forward import device_of, final_hidden_states, hidden_size_of, last_token_index
@@ -179,6 +181,43 @@ class RewardModel(nn.Module):
             model.reward_gain.fill_(float(head["gain"]))
             model.reward_bias.fill_(float(head["offset"]))
         return model
+
+
+@torch.no_grad()
+def score_responses(
+    reward_model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response: torch.Tensor,
+    eos_token_id: int,
+    pad_token_id: int,
+    raw: bool = False,
+) -> torch.Tensor:
+    """Score of each left-padded prompt (B, P) plus its sampled response (B, R), read at the
+    response's first EOS (ppo-details 7, 10); shape (B,).
+
+    Rows that never emitted EOS get one appended: the reward model was trained on sequences that
+    end in EOS (PPO's --missing-eos-penalty handles truncation explicitly). `PPOTrainer` scores its
+    rollouts with this, and `train_reward` fits the normalisation on it, so "reference samples score
+    mean 0, std 1" holds for the scores PPO sees. `raw=True` reads the head before normalisation.
+    """
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    response_mask = response_mask_from_eos(response, eos_token_id).long()  # (B, R)
+    lengths = response_mask.sum(1)  # (B,) up to and including the first EOS
+    ended = (response == eos_token_id).any(1)  # (B,)
+    ids = torch.cat(
+        [prompt_ids, response, torch.full((B, 1), pad_token_id, device=device)], 1
+    )  # (B, P+R+1)
+    mask = torch.cat(
+        [prompt_mask, response_mask, torch.zeros((B, 1), dtype=response_mask.dtype, device=device)],
+        1,
+    )  # (B, P+R+1)
+    rows = torch.arange(B, device=device)[~ended]  # (B',)
+    ids[rows, P + lengths[~ended]] = eos_token_id
+    mask[rows, P + lengths[~ended]] = 1
+    forward = reward_model.raw_forward if raw else reward_model
+    return forward(ids, mask.to(prompt_mask.dtype)).float()  # (B,)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

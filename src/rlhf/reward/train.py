@@ -10,6 +10,7 @@ and the evaluation are in `loss`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -25,7 +26,7 @@ from ..models.generation import pad_right
 from ..models.lora import LoraArgs, apply_lora
 from ..models.reward_model import RewardModel
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
-from .loss import encode_texts, evaluate_reward_model, score_texts
+from .loss import encode_texts, evaluate_reward_model
 from .preferences import (
     _default_task,
     _pairs_from_file,
@@ -69,10 +70,12 @@ class RewardConfig(LoraArgs):
     """AdamW weight decay"""
     freeze_base: bool = False
     """train only the scalar head (fast, but a small LM's last hidden state barely encodes sentiment)"""
-    max_length: int = 256
-    """longest tokenised prompt + response; longer ones are truncated from the left with a warning"""
+    max_length: int | None = None
+    """longest tokenised prompt + response; longer ones are truncated from the left with a warning (default: 256, or the model's position limit if lower)"""
     normalise_samples: int = 512
     """base-model samples used to set the reward's gain and bias (mean 0, std 1); 0 turns it off"""
+    normalise_response_tokens: int = 24
+    """length of those samples, in tokens: the --response-tokens of `rlhf ppo` that will use the model"""
     seed: int = 0
     """seed for sampling, splitting, initialisation and batches"""
     device: str = "auto"
@@ -90,7 +93,13 @@ class RewardConfig(LoraArgs):
             raise ConfigError(
                 "--lora-r trains adapters on the base; it cannot go with --freeze-base"
             )
-        for name in ("n_pairs", "response_tokens", "epochs", "batch_size", "max_length"):
+        for name in (
+            "n_pairs",
+            "response_tokens",
+            "epochs",
+            "batch_size",
+            "normalise_response_tokens",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
@@ -101,6 +110,8 @@ class RewardConfig(LoraArgs):
             raise ConfigError(f"--label-temperature must be >= 0, got {self.label_temperature}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ConfigError(f"--max-length must be positive, got {self.max_length}")
         if self.normalise_samples < 0:
             raise ConfigError(f"--normalise-samples must be >= 0, got {self.normalise_samples}")
         names = (self.prompt_field, self.chosen_field, self.rejected_field)
@@ -122,21 +133,62 @@ def _split_sizes(n_pairs: int, eval_fraction: float, source) -> int:
     return n_eval
 
 
+def _resolve_max_length(cfg: RewardConfig, limit: int | None, model_dir) -> RewardConfig:
+    """The config with --max-length set: the user's value if the model can take it, else 256 or
+    the model's position limit if lower; the normalisation samples must fit in it too."""
+    if cfg.max_length is not None and limit is not None and cfg.max_length > limit:
+        raise ConfigError(
+            f"--max-length {cfg.max_length} exceeds the {limit} positions of the model in "
+            f"{model_dir}; use --max-length {limit} or less"
+        )
+    max_length = cfg.max_length or min(256, limit or 256)
+    if cfg.normalise_samples and cfg.normalise_response_tokens + 1 >= max_length:
+        raise ConfigError(
+            f"--normalise-response-tokens {cfg.normalise_response_tokens} plus EOS leaves no room "
+            f"for a prompt within --max-length {max_length}; lower --normalise-response-tokens"
+        )
+    return dataclasses.replace(cfg, max_length=max_length)
+
+
+@torch.no_grad()
+def _reference_scores(cfg, lm, reward_model, tokenizer, pairs, order, device) -> torch.Tensor:
+    """Raw scores (N,) of `cfg.normalise_samples` responses sampled from the base model as PPO
+    samples them (full softmax at temperature 1, `normalise_response_tokens` long, left-padded
+    prompts) and scored from token ids as PPO scores them (`score_responses`)."""
+    from ..models.forward import autocast
+    from ..models.generation import encode_prompts, sample_responses
+    from ..models.reward_model import score_responses
+
+    n = cfg.normalise_samples
+    # Prompts in the shuffled order, cycled when there are fewer pairs than samples.
+    prompts = [pairs.prompts[order[i % len(order)]] for i in range(n)]
+    # Room for the response and a scoring EOS; PPO's prompts are this short already (its check).
+    keep = cfg.max_length - cfg.normalise_response_tokens - 1
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    scores = []
+    for s in range(0, n, 64):
+        ids, mask, _ = encode_prompts(tokenizer, prompts[s : s + 64], keep, device)  # (B, P)
+        with autocast(device):
+            response = sample_responses(
+                lm, ids, mask, cfg.normalise_response_tokens, eos, pad, generator=gen
+            )  # (B, R)
+            scores.append(score_responses(reward_model, ids, mask, response, eos, pad, raw=True))
+    return torch.cat(scores)  # (N,)
+
+
 def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     """Train, normalise, evaluate and save a reward model; returns the evaluation dict."""
 
     from ..models.forward import autocast
-    from ..models.generation import (
-        apply_chat_template,
-        render_conversation_pairs,
-        sample_texts,
-    )
+    from ..models.generation import apply_chat_template, render_conversation_pairs
     from ..models.loading import (
         check_model_dir,
         load_causal_lm,
         load_tokenizer,
         match_vocab,
         pick_device,
+        position_limit,
     )
 
     cfg.validate()
@@ -160,6 +212,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         )
     if cfg.model:
         check_model_dir(cfg.model)
+        cfg = _resolve_max_length(cfg, position_limit(cfg.model), cfg.model)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if cfg.chat_template:
             apply_chat_template(tokenizer, [""], f"the tokenizer in {cfg.model}")
@@ -170,7 +223,8 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         lm = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
         match_vocab(lm, tokenizer, cfg.model)
     else:
-        lm, tokenizer, _ = _default_task(cfg.cache_dir, progress)
+        lm, tokenizer, base_dir = _default_task(cfg.cache_dir, progress)
+        cfg = _resolve_max_length(cfg, position_limit(base_dir), base_dir)
     # Seeded after loading: pretraining the base model on a cold cache draws from the global RNG,
     # and the head's initialisation below must not depend on whether the cache was warm.
     set_seed(cfg.seed)
@@ -269,15 +323,11 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     bar.close()
     reward_model.eval()
 
-    # 4. Normalise: samples from the base (reference) policy score mean 0, std 1 (ppo-details 9).
+    # 4. Normalise: samples from the base (reference) policy score mean 0, std 1 (ppo-details 9),
+    #    fitted on what PPO scores: responses of PPO's length from left-padded prompts, scored from
+    #    token ids by the function PPOTrainer uses.
     if cfg.normalise_samples:
-        norm_prompts = [pairs.prompts[i % len(pairs)] for i in order[: cfg.normalise_samples]]
-        norm_prompts += norm_prompts[: cfg.normalise_samples - len(norm_prompts)]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        texts, _ = sample_texts(
-            lm, tokenizer, norm_prompts, cfg.response_tokens, generator=gen, device=device
-        )
-        raw = score_texts(reward_model, tokenizer, norm_prompts, texts, cfg.max_length, raw=True)
+        raw = _reference_scores(cfg, lm, reward_model, tokenizer, pairs, order, device)
         reward_model.set_normalisation(raw)
 
     # 5. Evaluate on the held-out pairs and save.

@@ -1,15 +1,18 @@
 """PPO checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` (N = completed steps) holding the policy and
-value weights (safetensors) and `state.pt` (optimizer, scheduler, KL controller, random generator
+value weights (safetensors), `state.pt` (optimizer, scheduler, KL controller, random generator
 states, prompt-stream position, the metrics logged so far), loaded back with
-`torch.load(weights_only=True)`. It is written to a temporary folder, flushed to disk and renamed
-into place, so a crash mid-write leaves the previous one intact; the next save removes the
-half-written folder.
+`torch.load(weights_only=True)`, and `config.json`, the options of the run that wrote it
+(`check_resume_options` refuses a resume whose options would change the algorithm). It is written
+to a temporary folder, flushed to disk and renamed into place, so a crash mid-write leaves the
+previous one intact; the next save removes the half-written folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -20,9 +23,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+CONFIG_FILE = "config.json"
+# Options that may differ on --resume: where things go, how often they are written, what is
+# logged, and where it runs. Every other option changes the algorithm (or is restored from the
+# checkpoint and would be silently ignored, as --lr and --seed are). --steps is allowed to grow
+# unless the learning rate decays linearly over it.
+RESUMABLE = frozenset({
+    "out", "resume", "steps", "sample_every", "gold", "device", "cache_dir", "trust_remote_code",
+    "save_every", "keep_checkpoints",
+})  # fmt: skip
 
 
 def checkpoint_dirs(out: str | Path) -> list[Path]:
@@ -86,6 +98,10 @@ def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int 
             **extra,
         }
         torch.save(state, staging / "state.pt")
+        if dataclasses.is_dataclass(trainer.config):
+            (staging / CONFIG_FILE).write_text(
+                json.dumps(dataclasses.asdict(trainer.config), indent=2) + "\n", encoding="utf-8"
+            )
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -147,3 +163,44 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
             "resume with the options of the run that wrote it"
         ) from None
     return state
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
+
+
+def check_resume_options(path: str | Path, cfg) -> None:
+    """Refuse, in one line, to resume the checkpoint at `path` with options that change the run.
+
+    The options come from the checkpoint's config.json, or from the run's own config.json beside
+    `checkpoints/` for checkpoints written before they had one; with neither, nothing is checked.
+    """
+    path = Path(path)
+    source = path / CONFIG_FILE
+    if not source.is_file():
+        source = path.parent.parent / CONFIG_FILE
+    if not source.is_file():
+        return
+    try:
+        saved = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{source}: cannot read ({type(exc).__name__})") from None
+    differ = []
+    for f in dataclasses.fields(cfg):
+        if f.name not in saved or saved[f.name] == getattr(cfg, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        change = f"{flag} {_shown(saved[f.name])} -> {_shown(getattr(cfg, f.name))}"
+        if f.name == "steps" and saved.get("lr_schedule") == "linear":
+            differ.append(
+                f"{change} (--lr-schedule linear fixed the decay to zero at {saved[f.name]} steps)"
+            )
+        elif f.name not in RESUMABLE:
+            differ.append(change)
+    if differ:
+        raise ConfigError(
+            f"--resume: options differ from the run that wrote {path}: {', '.join(differ)}; "
+            "resume with that run's values, or start a new run in another --out"
+        )

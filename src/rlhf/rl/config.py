@@ -36,9 +36,9 @@ class PPOConfig:
     temperature: float = 1.0
     """sampling temperature; log-probs use the same temperature (ppo-details 1)"""
     top_k: int = 0
-    """sample only from the k likeliest tokens (0: off, the default for PPO)"""
+    """must stay 0: PPO refuses top-k sampling (the ratio and the KL would describe another policy)"""
     top_p: float = 1.0
-    """nucleus sampling threshold (1.0: off, the default for PPO)"""
+    """must stay 1.0: PPO refuses nucleus sampling (the ratio and the KL would describe another policy)"""
     lr: float = 3e-5
     """AdamW learning rate"""
     lr_schedule: Literal["constant", "linear"] = "constant"
@@ -48,7 +48,7 @@ class PPOConfig:
     kl_estimator: KLEstimatorChoice = "auto"
     """per-token KL: k1, k2, k3 (Schulman 2020) on sampled tokens, or exact from full logits; auto: k1 in the reward, k3 in the loss"""
     kl_in: Literal["auto", "reward", "loss"] = "auto"
-    """put the KL penalty in the per-token reward (InstructGPT) or in the loss (GRPO-style); auto: the loss for grpo and dr_grpo, else the reward"""
+    """put the KL penalty in the per-token reward (InstructGPT) or in the loss (GRPO-style; with k3 or k2); auto: the loss for grpo and dr_grpo, else the reward"""
     adaptive_kl: bool = False
     """adapt beta toward --target-kl (Ziegler et al. 2019)"""
     target_kl: float = 6.0
@@ -139,8 +139,15 @@ class PPOConfig:
             raise ConfigError(f"--kl-coef must be >= 0, got {self.kl_coef}")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k != 0 or self.top_p != 1.0:
+            # The sampler supports both (models.generation), but the log-probs PPO trains on are
+            # those of the unfiltered softmax.
+            given = f"--top-k {self.top_k}" if self.top_k != 0 else f"--top-p {self.top_p}"
+            raise ConfigError(
+                f"{given}: PPO samples from the full softmax (at --temperature) only; the responses "
+                "would come from the filtered distribution while the ratio and the KL use the "
+                "unfiltered one, so they would describe another policy"
+            )
         if self.lr <= 0 or self.clip_eps <= 0 or self.value_clip_eps <= 0:
             raise ConfigError("--lr, --clip-eps and --value-clip-eps must be positive")
         if self.adaptive_kl and self.target_kl <= 0:
@@ -170,7 +177,16 @@ class PPOConfig:
                 )
         if self.kl_in == "loss" and self.kl_estimator == "exact":
             raise ConfigError(
-                "--kl-estimator exact works only with --kl-in reward; use k3 for a KL loss"
+                "--kl-estimator exact works only with --kl-in reward; use --kl-estimator k3 (or k2) "
+                "for a KL loss"
+            )
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            # d/dtheta of mean(log pi - log ref) on tokens drawn from pi is the score function,
+            # whose expectation under pi is 0 (ppo-details 13).
+            raise ConfigError(
+                "--kl-in loss with --kl-estimator k1 gives no KL constraint: the k1 gradient on "
+                "samples from the policy has expectation zero, so the term adds only noise; use "
+                "--kl-estimator k3 (or k2)"
             )
 
     def _validate_estimator(self) -> None:

@@ -129,8 +129,18 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
             f"warning: {n_cut} of {len(prompts)} prompts are longer than --max-prompt-tokens "
             f"{cfg.max_prompt_tokens}; they keep their last tokens"
         )
+    longest_body = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
     if cfg.chat_template and not conversations:  # conversations are rendered already
         prompts = apply_chat_template(tokenizer, prompts, f"the tokenizer in {policy_dir}")
+    ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
+    # The default reward model starts from the base model, which is then also the policy.
+    models = {"--model": policy_dir, "--ref-model": ref_dir}
+    if cfg.reward_model:
+        given = reward_model_folder(cfg.reward_model)
+        rm_tokenizer = load_tokenizer(given, trust_remote_code=cfg.trust_remote_code)
+        if rm_tokenizer.get_vocab() == tokenizer.get_vocab():  # else it re-encodes the text
+            models["--reward-model"] = adapter_base(given) or given  # a LoRA adapter: its base
+    check_positions(cfg, tokenizer, prompts, longest_body, models)
     # Frozen weights are loaded straight in the compute dtype (half the memory under bf16).
     frozen_dtype = compute_dtype(device, cfg.dtype)
     code = cfg.trust_remote_code
@@ -164,3 +174,35 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         **({} if share else {"dtype": frozen_dtype}),
     )  # fmt: skip
     return prompts, policy.to(device), ref, reward_model.to(device), tokenizer
+
+
+def check_positions(
+    cfg: PPORunConfig, tokenizer, prompts: list[str], longest_body: int, models: dict[str, Path]
+) -> None:
+    """Refuse, before any model is loaded, a run whose sequences would not fit a model's positions.
+
+    The longest prompt (as PPO encodes it: truncated, in the chat template) plus --response-tokens
+    plus the EOS that scoring may append must fit the position limit of the policy, the reference
+    and the reward model; past it a GPT-2 indexes outside its position table (an IndexError, a
+    device assert on CUDA). `longest_body` is the longest prompt before the chat template.
+    """
+    from ..models.loading import position_limit
+
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    need = longest + cfg.response_tokens + 1
+    source = cfg.prompts or "the built-in prompts"
+    for option, directory in models.items():
+        limit = position_limit(directory)
+        if limit is None or need <= limit:
+            continue
+        body = min(cfg.max_prompt_tokens, longest_body) - (need - limit)
+        fix = (
+            f"lower --max-prompt-tokens to {body} or less"
+            if body >= 1
+            else f"--response-tokens {cfg.response_tokens} leaves no room for a prompt; lower it"
+        )
+        raise ConfigError(
+            f"{source}: the longest prompt has {longest} tokens, and with --response-tokens "
+            f"{cfg.response_tokens} and 1 scoring token that is {need}, more than the {limit} "
+            f"positions of {option} {directory}; {fix}"
+        )

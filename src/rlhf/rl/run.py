@@ -19,7 +19,13 @@ from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
 from ..models.policy import save_policy
 from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
-from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_resume_options,
+    checkpoint_dirs,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import PPORunConfig
 from .detector import HackingDetector
 from .inputs import load_run_inputs
@@ -115,6 +121,7 @@ def train_ppo(
             raise ConfigError(
                 f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
             )
+        check_resume_options(found[-1], cfg)
         if checkpoint_step(found[-1]) >= cfg.steps:
             raise ConfigError(
                 f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "

@@ -233,21 +233,15 @@ class PPOTrainer:
             return score_texts(self.reward_model, self.reward_tokenizer, prompts, texts).to(
                 self.device
             )
-        # Rows that never emitted EOS get one appended: the reward model was trained on sequences
-        # that end in EOS, and --missing-eos-penalty handles truncation explicitly.
-        B = query_response.shape[0]
-        eos = self.tokenizer.eos_token_id
-        ids = torch.cat(
-            [query_response, torch.full((B, 1), self.tokenizer.pad_token_id, device=self.device)], 1
-        )
-        mask = torch.cat(
-            [attention_mask, torch.zeros((B, 1), dtype=attention_mask.dtype, device=self.device)], 1
-        )
-        rows = torch.arange(B, device=self.device)[~ended]  # (B',)
-        ids[rows, P + lengths[~ended]] = eos
-        mask[rows, P + lengths[~ended]] = 1
+        from ..models.reward_model import score_responses
+
+        # Rows that never emitted EOS get one appended (see score_responses); train_reward fits
+        # the reward's normalisation with the same function.
         with self._autocast():
-            return self.reward_model(ids, mask).float()  # (B,)
+            return score_responses(
+                self.reward_model, query_response[:, :P], attention_mask[:, :P],
+                query_response[:, P:], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+            )  # fmt: skip
 
     # ----- phases 1-4: rollout, gather, rewards and advantages ------------------------------
     @torch.no_grad()

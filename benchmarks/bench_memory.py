@@ -95,12 +95,31 @@ def build(seed: int = 0):
     return tok, config
 
 
+DEVICE = "cpu"  # the worker's --device
+
+
 def lm(config):
     import torch
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)  # every copy holds the same weights
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval().to(DEVICE)
+
+
+def on_gpu() -> bool:
+    return DEVICE == "cuda"
+
+
+def timed(fn) -> float:
+    import torch
+
+    if on_gpu():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if on_gpu():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def run_rlhf(side: str, tok, config, batch: int, response: int) -> dict:
@@ -116,7 +135,7 @@ def run_rlhf(side: str, tok, config, batch: int, response: int) -> dict:
     cfg = PPOConfig(
         steps=10, batch_size=batch, minibatch_size=batch, ppo_epochs=4, response_tokens=response,
         lr=1e-5, kl_coef=0.05, micro_batch_size=4 if lean else 0,
-        rollout_batch_size=4 if lean else 0, gradient_checkpointing=lean,
+        rollout_batch_size=4 if lean else 0, gradient_checkpointing=lean, dtype="float32",
     )  # fmt: skip
     lora = LoraArgs(lora_r=16, lora_alpha=32.0)
     if not use_lora:
@@ -135,12 +154,11 @@ def run_rlhf(side: str, tok, config, batch: int, response: int) -> dict:
         reward = RewardModel(policy, tokenizer=tok, adapter_name="reward")
     trainer = PPOTrainer(policy, ref, reward, tok, cfg)
     prompts = ["the acting was superb and"] * batch
-    t0 = time.perf_counter()
-    trainer.step(prompts)
-    seconds = time.perf_counter() - t0
+    seconds = timed(lambda: trainer.step(prompts))
+    if on_gpu():  # the first step also pays for CUDA's start-up; time a second one
+        seconds = timed(lambda: trainer.step(prompts))
     sampled = trainer.last_rollout.R
     ended = sum(trainer.last_rollout.ended)
-    del trainer
     return {
         "step_s": seconds,
         "sampled_tokens": sampled,
@@ -169,19 +187,22 @@ def run_trl(tok, config, batch: int, response: int) -> dict:
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if on_gpu():
+                torch.cuda.synchronize()
             self.seconds = time.perf_counter() - self.start
+            self.start = time.perf_counter()  # the last update's time is kept
 
     dataset = Dataset.from_dict(
         {"input_ids": [tok("the acting was superb and")["input_ids"]] * batch}
     )
     args = TRLPPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-mem-trl-"), report_to="none", save_strategy="no",
-        eval_strategy="no", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        eval_strategy="no", use_cpu=not on_gpu(), bf16=False, fp16=False, gradient_checkpointing=False,
         learning_rate=1e-5, lr_scheduler_type="constant", num_ppo_epochs=4, num_mini_batches=1,
         per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=batch, response_length=response, stop_token=None,
         stop_token_id=None, missing_eos_penalty=None, temperature=1.0, kl_coef=0.05,
-        num_sample_generations=0, total_episodes=batch, disable_tqdm=True, logging_steps=1, seed=0,
+        num_sample_generations=0, total_episodes=batch * (2 if on_gpu() else 1), disable_tqdm=True, logging_steps=1, seed=0,
     )  # fmt: skip
     clock = Clock()
     trainer = TRLPPOTrainer(
@@ -199,6 +220,8 @@ def worker(side: str, batch: int, response: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if on_gpu():
+        torch.cuda.init()
     if side == "trl":
         import trl.experimental.ppo  # noqa: F401  (its imports count in TRL's baseline)
     import rlhf.rl.trainer  # noqa: F401
@@ -213,12 +236,14 @@ def worker(side: str, batch: int, response: int, threads: int) -> None:
     result.update(
         side=side, batch=batch, response=response, baseline_mib=baseline, peak_mib=peak_mib()
     )
+    if on_gpu():  # GPU memory: what the caching allocator handed out at its peak
+        result.update(baseline_mib=0.0, peak_mib=torch.cuda.max_memory_allocated() / 2**20)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ----- driver ---------------------------------------------------------------------------------------
 def measure(side: str, batch: int, response: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--grid", f"{batch}x{response}", "--threads", str(threads)]  # fmt: skip
+    cmd = [sys.executable, __file__, "--worker", side, "--grid", f"{batch}x{response}", "--threads", str(threads), "--device", DEVICE]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -231,10 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default="8x32,32x32,8x64", help="batch x response-length points")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"),
+        help="cpu: peak resident memory; cuda: peak GPU memory (torch.cuda.max_memory_allocated)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write every result here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     grid = [tuple(int(n) for n in point.split("x")) for point in args.grid.split(",")]
+    global DEVICE
+    DEVICE = args.device
     if args.worker:
         worker(args.worker, *grid[0], args.threads)
         return 0
@@ -249,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         trl = rows.get("trl")
         version = next(iter(rows.values()))["torch"]
         print(f"\nB={batch} prompts, R={response} response tokens (torch {version})")
-        print("| | peak RSS (MiB) | of which baseline | peak / TRL's | s per step | / TRL's |")
+        what = "peak GPU memory (MiB)" if on_gpu() else "peak RSS (MiB)"
+        print(f"| | {what} | of which baseline | peak / TRL's | s per step | / TRL's |")
         print("|---|---:|---:|---:|---:|---:|")
         for side, r in rows.items():
             ratio = f"{r['peak_mib'] / trl['peak_mib']:.2f}x" if trl else "n/a"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks, in one call: the test suite with CUDA visible, `rlhf demo`, a LoRA PPO run in
+# bf16, one process under torchrun with NCCL, and the memory/time benchmark at GPT-2-124M size on
+# the GPU. Run from the repository root on a CUDA machine; results go to $OUT (default
+# /tmp/gpu-check). Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RLHF_CACHE_DIR=/tmp/rlhf-cache
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+step() { echo "== $1 ($(date +%T))" | tee -a "$OUT/summary.txt"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/summary.txt"
+
+step "tests with CUDA visible"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
+tail -3 "$OUT/tests.txt" >> "$OUT/summary.txt"
+
+step "rlhf demo, cold cache"
+/usr/bin/time -f "demo wall %e s" python3 -m rlhf demo --out /tmp/demo > "$OUT/demo.txt" 2>&1
+tail -12 "$OUT/demo.txt" | tr '\r' '\n' | grep -v "it/s\|pair/s" | tee -a "$OUT/summary.txt"
+cp /tmp/demo/summary.json "$OUT/demo_summary.json" 2>/dev/null
+
+step "LoRA PPO, bf16, merged"
+python3 -m rlhf ppo --lora-r 16 --merge-lora --steps 20 --out /tmp/lora 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -6 | tee -a "$OUT/summary.txt"
+python3 -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('/tmp/lora/policy-merged'); print('merged policy loads:', type(m).__name__)" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+
+step "torchrun, 1 process, NCCL"
+timeout 120 torchrun --standalone --nproc_per_node 1 -m rlhf ppo --steps 3 --out /tmp/ddp 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -4 | tee -a "$OUT/summary.txt"
+
+step "memory and time at GPT-2-124M on the GPU"
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_memory.py --device cuda --grid 8x32,32x64 \
+    --json "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory_cuda.txt" | tail -20
+step "done"

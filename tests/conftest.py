@@ -10,6 +10,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast and never fights a busy machine
 
+# Eight prompts of different lengths, so every batch of them is left-padded.
+PROMPTS = [
+    "the plot",
+    "this phone is great . the battery",
+    "i watched this film and i loved",
+    "the",
+    "the headphones broke after a week .",
+    "the blender is loud but",
+    "the acting was superb and the story",
+    "i want",
+]
+
 TINY_TEXTS = [
     "the acting was superb and the story was moving .",
     "the plot was dull and the ending felt weak .",

@@ -27,14 +27,6 @@ PROMPTS = ["the plot", "this phone is great . the battery", "i watched this film
 SMALL = dict(batch_size=4, minibatch_size=8, ppo_epochs=2, response_tokens=6, steps=10, lr=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _biased_lm(tok, seed: int) -> nn.Module:
     """A tiny model with a bias toward EOS, so responses have different lengths."""
     lm = make_tiny_lm(tok, seed=seed)

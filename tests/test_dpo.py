@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rlhf.cli import main
-from rlhf.reward.preferences import _Pairs
+from rlhf.reward.preferences import Pairs
 from rlhf.rl.dpo import DPOConfig, encode_pairs, sample_gold_and_kl, sequence_logps, train_dpo
 
 SUBJECTS = ["the acting", "the phone", "the story", "the blender", "the film", "the battery",
@@ -46,7 +46,7 @@ def _config(tmp_path, tiny_model_dir, **changes) -> DPOConfig:
 
 
 def test_encode_pairs_masks_the_prompt_and_keeps_the_response_and_eos(tiny_tokenizer) -> None:
-    pairs = _Pairs(["the phone was"], ["great and it works well ."], ["dull ."], [None])
+    pairs = Pairs(["the phone was"], ["great and it works well ."], ["dull ."], [None])
     (chosen,), (rejected,), cut = encode_pairs(tiny_tokenizer, pairs, max_length=64)
     assert cut == 0
     for (ids, response), text in ((chosen, "great and it works well ."), (rejected, "dull .")):
@@ -62,7 +62,7 @@ def test_encode_pairs_masks_the_prompt_and_keeps_the_response_and_eos(tiny_token
 
 
 def test_sequence_logps_sum_the_response_tokens_and_ignore_padding(tiny_tokenizer, tiny_lm) -> None:
-    pairs = _Pairs(["the phone was", "the plot"], ["great .", "dull and the ending felt weak ."],
+    pairs = Pairs(["the phone was", "the plot"], ["great .", "dull and the ending felt weak ."],
                    ["dull .", "moving ."], [None, None])  # fmt: skip
     chosen, rejected, _ = encode_pairs(tiny_tokenizer, pairs, max_length=64)
     rows = chosen + rejected

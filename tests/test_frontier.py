@@ -10,21 +10,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from conftest import make_tiny_lm
 from rlhf.analysis import frontier
 from rlhf.analysis.frontier import SweepPlan, frontier_sweep, peak_table, r_squared
 from rlhf.models.reward_model import RewardModel
 from rlhf.rl.config import PPORunConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_r_squared_by_hand():

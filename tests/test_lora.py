@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_lm
+from conftest import PROMPTS, make_tiny_lm
 from rlhf.cli import main
 from rlhf.models.forward import accepts_kwarg, position_ids_from_mask
 from rlhf.models.loading import load_causal_lm, load_tokenizer
@@ -22,26 +22,8 @@ from rlhf.rl.config import PPOConfig, PPORunConfig
 from rlhf.rl.run import train_ppo
 from rlhf.rl.trainer import PPOTrainer
 
-PROMPTS = [
-    "the plot",
-    "this phone is great . the battery",
-    "i watched this film and i loved",
-    "the",
-    "the headphones broke after a week .",
-    "the blender is loud but",
-    "the acting was superb and the story",
-    "i want",
-]
 SMALL = dict(batch_size=8, minibatch_size=4, ppo_epochs=2, response_tokens=6, steps=10, lr=1e-2)
 LORA = LoraArgs(lora_r=4, lora_alpha=8.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lora_trainer(tok, arch="gpt2", **config) -> PPOTrainer:

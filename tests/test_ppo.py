@@ -22,36 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_tiny_lm
+from conftest import PROMPTS, make_tiny_lm
 from rlhf import core
 from rlhf.errors import ConfigError
 from rlhf.models.forward import position_ids_from_mask
 from rlhf.models.reward_model import RewardModel
 from rlhf.rl.config import AdaptiveKLController, FixedKLController, PPOConfig
 from rlhf.rl.trainer import PPOTrainer
-
-# Eight prompts of different lengths, so every batch is left-padded.
-PROMPTS = [
-    "the plot",
-    "this phone is great . the battery",
-    "i watched this film and i loved",
-    "the",
-    "the headphones broke after a week .",
-    "the blender is loud but",
-    "the acting was superb and the story",
-    "i want",
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine two threads wait on each
-    other at every op (measured: a tiny forward pass took 0.2 s with two threads, 1 ms with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SMALL = dict(batch_size=8, minibatch_size=4, ppo_epochs=2, response_tokens=6, steps=10)
 

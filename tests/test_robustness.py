@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_TEXTS, make_tiny_lm
+from conftest import PROMPTS, TINY_TEXTS, make_tiny_lm
 from rlhf.cli import main
 from rlhf.errors import ConfigError, InputError
 from rlhf.models.policy import load_policy
@@ -33,16 +33,6 @@ from rlhf.rl.trainer import NonFiniteError, PPOTrainer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rlhf"
 
-PROMPTS = [
-    "the plot",
-    "this phone is great . the battery",
-    "i watched this film and i loved",
-    "the",
-    "the headphones broke after a week .",
-    "the blender is loud but",
-    "the acting was superb and the story",
-    "i want",
-]
 PAIRS = [
     ("the acting was", "superb and the story was moving .", "dull and the ending felt weak ."),
     ("this phone", "is great . the battery lasts all day .", "broke after a week ."),

@@ -11,31 +11,13 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny_lm
+from conftest import PROMPTS, make_tiny_lm
 from rlhf.errors import ConfigError
 from rlhf.models.reward_model import RewardModel
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.trainer import PPOTrainer
 
-PROMPTS = [
-    "the plot",
-    "this phone is great . the battery",
-    "i watched this film and i loved",
-    "the",
-    "the headphones broke after a week .",
-    "the blender is loud but",
-    "the acting was superb and the story",
-    "i want",
-]
 SMALL = dict(batch_size=8, minibatch_size=4, ppo_epochs=2, response_tokens=6, steps=10, lr=1e-3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trainer(tok, arch="gpt2", **config) -> PPOTrainer:

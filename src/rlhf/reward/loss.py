@@ -10,7 +10,7 @@ import torch
 from ..core import bradley_terry_loss
 from ..models.generation import pad_right
 from ..models.reward_model import RewardModel
-from .preferences import _Pairs
+from .preferences import Pairs
 
 
 def join_text(prompt: str, response: str) -> str:
@@ -115,7 +115,7 @@ def score_texts(
 
 
 def evaluate_reward_model(
-    reward_model: RewardModel, tokenizer, pairs: _Pairs, max_length: int
+    reward_model: RewardModel, tokenizer, pairs: Pairs, max_length: int
 ) -> dict:
     """Held-out accuracy (against the noiseless gold ordering when there is one), loss and margin."""
     was_training = reward_model.training

@@ -2,7 +2,7 @@
 
 `create_preference_dataset` samples two responses per prompt from the base model and lets the gold
 judge choose, through Bradley-Terry sampling (P(A preferred) = sigmoid((gold_A - gold_B) / t)) to
-imitate human disagreement, or deterministically with t = 0. `_Pairs` holds the pairs as
+imitate human disagreement, or deterministically with t = 0. `Pairs` holds the pairs as
 chosen/rejected lists for training, from generated records or from a preference file, and
 `label_ceiling` measures how often the sampled labels agree with the gold ordering.
 """
@@ -13,16 +13,18 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..data import PreferencePair
+from ..errors import ConfigError
 from ..tracking import progress_bar, quiet_transformers_bars
 
 SAMPLE_BATCH = 256  # texts per sampling call (two per pair)
 
 
-def _default_task(cache_dir=None, progress=True):
+def default_task(cache_dir=None, progress=True):
     from ..models.loading import load_causal_lm, load_tokenizer
     from ..task.default import base_model_dir
 
@@ -56,7 +58,7 @@ def create_preference_dataset(
     from ..task.gold import GoldJudge
 
     if model is None or tokenizer is None:
-        model, tokenizer, _ = _default_task(cache_dir, progress)
+        model, tokenizer, _ = default_task(cache_dir, progress)
     judge = judge or GoldJudge()
     if prompts is None:
         # 10% spare: pairs with two identical (or empty) responses carry no preference and are dropped.
@@ -112,7 +114,7 @@ def create_preference_dataset(
 
 
 @dataclass
-class _Pairs:
+class Pairs:
     """Preference pairs as parallel lists; `gold_*` is None when the data has no gold judge."""
 
     prompts: list[str]
@@ -122,9 +124,9 @@ class _Pairs:
     gold_chosen: list[float] | None = None
     gold_rejected: list[float] | None = None
 
-    def subset(self, index: list[int]) -> _Pairs:
+    def subset(self, index: list[int]) -> Pairs:
         pick = lambda xs: None if xs is None else [xs[i] for i in index]  # noqa: E731
-        return _Pairs(
+        return Pairs(
             pick(self.prompts), pick(self.chosen), pick(self.rejected), pick(self.margins),
             pick(self.gold_chosen), pick(self.gold_rejected),
         )  # fmt: skip
@@ -133,8 +135,8 @@ class _Pairs:
         return len(self.prompts)
 
 
-def _pairs_from_records(records: list[dict]) -> _Pairs:
-    pairs = _Pairs([], [], [], [], [], [])
+def pairs_from_records(records: list[dict]) -> Pairs:
+    pairs = Pairs([], [], [], [], [], [])
     for r in records:
         a_wins = r["preference"] == "A"
         pairs.prompts.append(r["prompt"])
@@ -146,16 +148,54 @@ def _pairs_from_records(records: list[dict]) -> _Pairs:
     return pairs
 
 
-def _pairs_from_file(items: list[PreferencePair]) -> _Pairs:
-    return _Pairs(
+def pairs_from_file(items: list[PreferencePair]) -> Pairs:
+    return Pairs(
         [p.prompt for p in items], [p.chosen for p in items], [p.rejected for p in items],
         [p.margin for p in items],
     )  # fmt: skip
 
 
-def label_ceiling(pairs: _Pairs) -> float | None:
+def label_ceiling(pairs: Pairs) -> float | None:
     """How often the (sampled) labels agree with the gold ordering, over pairs whose gold differs."""
     if pairs.gold_chosen is None:
         return None
     decided = [(c, r) for c, r in zip(pairs.gold_chosen, pairs.gold_rejected) if c != r]
     return sum(c > r for c, r in decided) / max(1, len(decided))
+
+
+def held_out_size(n_pairs: int, eval_fraction: float, source) -> int:
+    """Held-out pairs out of `n_pairs`; at least one each for training and evaluation."""
+    n_eval = max(1, int(round(eval_fraction * n_pairs)))
+    if n_pairs - n_eval < 1:
+        raise ConfigError(
+            f"{source}: only {n_pairs} pair(s), and the held-out split (--eval-fraction "
+            f"{eval_fraction}) leaves none for training; give at least 2 pairs"
+        )
+    return n_eval
+
+
+def split_pairs(pairs: Pairs, eval_fraction: float, seed: int, source) -> tuple[Pairs, Pairs]:
+    """(held-out, training) pairs: a seeded shuffle, so `train-reward` and `dpo` with the same seed
+    hold out the same pairs."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = held_out_size(len(pairs), eval_fraction, source)
+    return pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
+
+
+def preference_pairs(
+    file_pairs: list[PreferencePair] | None, lm, tokenizer, cfg, out: Path, progress: bool
+) -> Pairs:
+    """The user's pairs, or (with none) pairs sampled from `lm` and labelled by the gold judge as
+    `cfg` (n_pairs, label_temperature, response_tokens, seed) says, written to
+    out/preferences.jsonl."""
+    if file_pairs is not None:
+        return pairs_from_file(file_pairs)
+    from ..data import write_preferences
+
+    records = create_preference_dataset(
+        lm, tokenizer, n_pairs=cfg.n_pairs, label_temperature=cfg.label_temperature,
+        response_tokens=cfg.response_tokens, seed=cfg.seed, progress=progress,
+    )  # fmt: skip
+    write_preferences(Path(out) / "preferences.jsonl", records)
+    return pairs_from_records(records)

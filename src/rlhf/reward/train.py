@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..core import bradley_terry_loss
-from ..data import atomic_write_json, read_preferences, write_preferences
+from ..data import atomic_write_json, read_preferences
 from ..errors import ConfigError, InputError
 from ..models.generation import pad_right
 from ..models.lora import LoraArgs, apply_lora
@@ -28,11 +27,11 @@ from ..models.reward_model import RewardModel
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
 from .loss import encode_texts, evaluate_reward_model
 from .preferences import (
-    _default_task,
-    _pairs_from_file,
-    _pairs_from_records,
-    create_preference_dataset,
+    default_task,
+    held_out_size,
     label_ceiling,
+    preference_pairs,
+    split_pairs,
 )
 
 
@@ -122,17 +121,6 @@ class RewardConfig(LoraArgs):
             )
 
 
-def _split_sizes(n_pairs: int, eval_fraction: float, source) -> int:
-    """Held-out pairs out of `n_pairs`; at least one each for training and evaluation."""
-    n_eval = max(1, int(round(eval_fraction * n_pairs)))
-    if n_pairs - n_eval < 1:
-        raise ConfigError(
-            f"{source}: only {n_pairs} pair(s), and the held-out split (--eval-fraction "
-            f"{eval_fraction}) leaves none for training; give at least 2 pairs"
-        )
-    return n_eval
-
-
 def _resolve_max_length(cfg: RewardConfig, limit: int | None, model_dir) -> RewardConfig:
     """The config with --max-length set: the user's value if the model can take it, else 256 or
     the model's position limit if lower; the normalisation samples must fit in it too."""
@@ -151,7 +139,7 @@ def _resolve_max_length(cfg: RewardConfig, limit: int | None, model_dir) -> Rewa
 
 
 @torch.no_grad()
-def _reference_scores(cfg, lm, reward_model, tokenizer, pairs, order, device) -> torch.Tensor:
+def _reference_scores(cfg, lm, reward_model, tokenizer, shuffled, device) -> torch.Tensor:
     """Raw scores (N,) of `cfg.normalise_samples` responses sampled from the base model as PPO
     samples them (full softmax at temperature 1, `normalise_response_tokens` long, left-padded
     prompts) and scored from token ids as PPO scores them (`score_responses`)."""
@@ -160,8 +148,8 @@ def _reference_scores(cfg, lm, reward_model, tokenizer, pairs, order, device) ->
     from ..models.reward_model import score_responses
 
     n = cfg.normalise_samples
-    # Prompts in the shuffled order, cycled when there are fewer pairs than samples.
-    prompts = [pairs.prompts[order[i % len(order)]] for i in range(n)]
+    # The pairs' prompts in their shuffled order, cycled when there are fewer pairs than samples.
+    prompts = [shuffled[i % len(shuffled)] for i in range(n)]
     # Room for the response and a scoring EOS; PPO's prompts are this short already (its check).
     keep = cfg.max_length - cfg.normalise_response_tokens - 1
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -203,7 +191,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
             cfg.data, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
             rejected_field=cfg.rejected_field,
         )  # fmt: skip
-        _split_sizes(len(file_pairs), cfg.eval_fraction, cfg.data)
+        held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
     conversations = file_pairs is not None and file_pairs[0].is_conversation
     if conversations and not cfg.model:
         raise InputError(
@@ -223,7 +211,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         lm = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
         match_vocab(lm, tokenizer, cfg.model)
     else:
-        lm, tokenizer, base_dir = _default_task(cfg.cache_dir, progress)
+        lm, tokenizer, base_dir = default_task(cfg.cache_dir, progress)
         cfg = _resolve_max_length(cfg, position_limit(base_dir), base_dir)
     # Seeded after loading: pretraining the base model on a cold cache draws from the global RNG,
     # and the head's initialisation below must not depend on whether the cache was warm.
@@ -233,23 +221,12 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     save_config(out, cfg)
 
     # 2. Preference pairs: the user's file, or sampled from the base model and labelled by the judge.
-    if file_pairs is not None:
-        pairs = _pairs_from_file(file_pairs)
-    else:
-        records = create_preference_dataset(
-            lm, tokenizer, n_pairs=cfg.n_pairs, label_temperature=cfg.label_temperature,
-            response_tokens=cfg.response_tokens, seed=cfg.seed, progress=progress,
-        )  # fmt: skip
-        write_preferences(out / "preferences.jsonl", records)
-        pairs = _pairs_from_records(records)
+    pairs = preference_pairs(file_pairs, lm, tokenizer, cfg, out, progress)
     if cfg.chat_template and not conversations:  # conversations are rendered already
         pairs.prompts = apply_chat_template(
             tokenizer, pairs.prompts, f"the tokenizer in {cfg.model}"
         )
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = _split_sizes(len(pairs), cfg.eval_fraction, cfg.data)
-    eval_pairs, train_pairs = pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
+    eval_pairs, train_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.data)
     chosen_rows, n_trunc = encode_texts(
         tokenizer, train_pairs.prompts, train_pairs.chosen, cfg.max_length
     )
@@ -327,7 +304,8 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     #    fitted on what PPO scores: responses of PPO's length from left-padded prompts, scored from
     #    token ids by the function PPOTrainer uses.
     if cfg.normalise_samples:
-        raw = _reference_scores(cfg, lm, reward_model, tokenizer, pairs, order, device)
+        shuffled = eval_pairs.prompts + train_pairs.prompts  # split_pairs' order
+        raw = _reference_scores(cfg, lm, reward_model, tokenizer, shuffled, device)
         reward_model.set_normalisation(raw)
 
     # 5. Evaluate on the held-out pairs and save.

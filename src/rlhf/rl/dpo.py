@@ -14,7 +14,6 @@ KL to the reference measured the way PPO's `objective/kl` is (k1 summed over res
 from __future__ import annotations
 
 import math
-import random
 import time
 import typing
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ from typing import Literal
 import torch
 
 from ..core import dpo_loss, logprobs_from_logits
-from ..data import atomic_write_json, read_preferences, write_preferences
+from ..data import atomic_write_json, read_preferences
 from ..errors import ConfigError
 from ..models.forward import autocast, position_ids_from_mask
 from ..models.generation import pad_right
 from ..reward.loss import encode_texts
-from ..reward.preferences import _Pairs, _pairs_from_file, _pairs_from_records
-from ..reward.train import _split_sizes
+from ..reward.preferences import Pairs, held_out_size, preference_pairs, split_pairs
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
 
 
@@ -106,7 +104,7 @@ class DPOConfig:
                 raise ConfigError(message)
 
 
-def encode_pairs(tokenizer, pairs: _Pairs, max_length: int) -> tuple[list, list, int]:
+def encode_pairs(tokenizer, pairs: Pairs, max_length: int) -> tuple[list, list, int]:
     """Token rows of prompt + chosen and prompt + rejected, each with its response-token mask.
 
     The rows are `encode_texts`' (the reward model's encoding: prompt, response, EOS). The prompt
@@ -163,7 +161,7 @@ def batched_logps(
 
 
 def implicit_reward_eval(
-    lm, chosen, rejected, ref_logps, pairs: _Pairs, cfg: DPOConfig, pad_id, device
+    lm, chosen, rejected, ref_logps, pairs: Pairs, cfg: DPOConfig, pad_id, device
 ) -> dict:
     """Held-out DPO loss, implicit-reward accuracy (ties count as wrong, as in TRL), margin."""
     logps = batched_logps(lm, chosen, rejected, pad_id, device, cfg.batch_size)  # (B, 2)
@@ -242,7 +240,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     # 1. Check the inputs before any work: the data file, then the model folders.
     file_pairs = read_preferences(cfg.data) if cfg.data else None
     if file_pairs is not None:
-        _split_sizes(len(file_pairs), cfg.eval_fraction, cfg.data)
+        held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
     for directory in (cfg.model, cfg.ref_model):
         if directory:
             check_model_dir(directory)
@@ -265,22 +263,10 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, cfg)
 
-    # 2. Pairs: the user's file, or sampled from the base model and labelled by the gold judge.
-    if file_pairs is not None:
-        pairs = _pairs_from_file(file_pairs)
-    else:
-        from ..reward.preferences import create_preference_dataset
-
-        records = create_preference_dataset(
-            policy, tokenizer, n_pairs=cfg.n_pairs, label_temperature=cfg.label_temperature,
-            response_tokens=cfg.response_tokens, seed=cfg.seed, progress=progress,
-        )  # fmt: skip
-        write_preferences(out / "preferences.jsonl", records)
-        pairs = _pairs_from_records(records)
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)  # the same split as `rlhf train-reward` with this seed
-    n_eval = _split_sizes(len(pairs), cfg.eval_fraction, cfg.data)
-    eval_pairs, train_pairs = pairs.subset(order[:n_eval]), pairs.subset(order[n_eval:])
+    # 2. Pairs: the user's file, or sampled from the base model and labelled by the gold judge,
+    # split as `rlhf train-reward` splits them with this seed.
+    pairs = preference_pairs(file_pairs, policy, tokenizer, cfg, out, progress)
+    eval_pairs, train_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.data)
     pad = tokenizer.pad_token_id
     chosen, rejected, n_cut = encode_pairs(tokenizer, train_pairs, cfg.max_length)
     eval_chosen, eval_rejected, _ = encode_pairs(tokenizer, eval_pairs, cfg.max_length)

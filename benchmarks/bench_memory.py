@@ -25,6 +25,9 @@ a reference and a `RewardModel` (full); the policy with LoRA adapters (rank 16, 
 whose adapters-off self is the reference, and a reward model (LoRA); and, in the third, a reward
 model that is a second adapter with its head on the policy's base (LoRA + LoRA RM).
 
+With --jobs N, N workers run at once (on a machine with cores to spare): their memory is their own,
+their times are measured under the same shared load.
+
 Settings on both sides: the same B prompts of 6 tokens, R response tokens always sampled (TRL has
 no stop token; our random-init model never emits EOS, checked), temperature 1, 4 PPO epochs, 1
 minibatch, AdamW, torch threads 2. TRL: per_device_train_batch_size = local_rollout_forward_batch_size
@@ -44,6 +47,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -257,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="workers run at once (each a process with --threads threads); 1 on a 2-core machine",
+    )  # fmt: skip
+    parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"),
         help="cpu: peak resident memory; cuda: peak GPU memory (torch.cuda.max_memory_allocated)",
     )  # fmt: skip
@@ -275,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for batch, response in grid:
-        rows = {side: measure(side, batch, response, args.threads) for side in sides}
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each worker is its own process
+            futures = {s: pool.submit(measure, s, batch, response, args.threads) for s in sides}
+            rows = {side: future.result() for side, future in futures.items()}
         results += rows.values()
         trl = rows.get("trl")
         version = next(iter(rows.values()))["torch"]

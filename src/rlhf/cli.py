@@ -293,6 +293,11 @@ def _quiet_transformers() -> None:
         logging.disable_progress_bar()
 
 
+def _rank_zero() -> bool:
+    """Whether this process prints: always, except ranks 1..N under torchrun (rl.launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -301,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_transformers()
+    speaks = _rank_zero()
+    if not speaks:  # under torchrun, rank 0 alone prints (progress bars are off elsewhere)
+        sys.stdout = open(os.devnull, "w")
     try:
         COMMANDS[args.command](args)
     except RLHFError as exc:
@@ -313,10 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                 "interrupted; the cached base and reward models are kept, so running the same "
                 "command again redoes only the PPO runs"
             )
-        print(f"rlhf {args.command}: {label}{message}", file=sys.stderr)
+        if speaks:
+            print(f"rlhf {args.command}: {label}{message}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print(f"\nrlhf {args.command}: interrupted", file=sys.stderr)
+        if speaks:
+            print(f"\nrlhf {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

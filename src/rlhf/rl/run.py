@@ -7,6 +7,7 @@ Loading the inputs is in `inputs`, live hacking detection in `detector`, checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -20,13 +21,15 @@ import torch
 
 from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
-from ..models.policy import save_policy
 from ..models.reward_model import RewardModel
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
 from .checkpoint import checkpoint_dirs, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import PPOConfig, PPORunConfig
 from .detector import HackingDetector
+from .distributed import Discard, check_world
 from .inputs import load_run_inputs
+from .launch import init_world
+from .sharded_state import save_final_policy
 from .trainer import NonFiniteError, PPOTrainer
 
 
@@ -100,11 +103,20 @@ def train_ppo(
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Run PPO and save everything to `cfg.out`; returns the last step's metrics and paths."""
+    """Run PPO and save everything to `cfg.out`; returns the last step's metrics and paths.
+
+    Under torchrun it runs on every process (`launch`); rank 0 alone prints and writes the logs.
+    """
     from ..task.gold import GoldJudge
 
     cfg.validate()
     out = Path(cfg.out)
+    world = init_world(cfg.device)
+    check_world(cfg, world)
+    main = world.is_main
+    progress = progress and main
+    if cfg.auto_resume:  # rank 0 decides, so that every process does the same
+        cfg = dataclasses.replace(cfg, resume=world.broadcast_object(bool(checkpoint_dirs(out))))
     if cfg.resume:
         found = checkpoint_dirs(out)
         if not found:
@@ -116,19 +128,22 @@ def train_ppo(
                 f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "
                 f"--steps {cfg.steps} leaves nothing to run"
             )
-    prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
+    prompts, policy, ref, reward_model, tokenizer = world.main_first(
+        lambda: load_run_inputs(cfg, progress)
+    )
     # Seeded after loading: on a cold cache, loading trains models first and draws from the RNG.
     set_seed(cfg.seed)
     builtin_prompts = cfg.prompts is None
     gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
-    trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold)
+    trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold, world=world)
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed)
     detector = HackingDetector()
     first_step = _resume(out, trainer, stream, detector) if cfg.resume else 0
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:  # a fresh run replaces the folder's run; its checkpoints go with it
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    save_config(out, cfg)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # a fresh run replaces the folder's run; its checkpoints go with it
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        save_config(out, cfg)
     start = time.perf_counter()
     metrics: dict = {}
     bar = progress_bar(
@@ -138,15 +153,17 @@ def train_ppo(
     resumed = first_step > 0
     step = first_step
     with (
-        RunLogger(out, append=resumed) as logger,
-        JsonlWriter(out / "samples.jsonl", append=resumed) as samples,
+        RunLogger(out, append=resumed) if main else Discard() as logger,
+        JsonlWriter(out / "samples.jsonl", append=resumed) if main else Discard() as samples,
         _GracefulStop() as stop,
     ):
 
         def checkpoint(done: int) -> Path:
-            rows = [
-                r for r in read_jsonl(out / "metrics.jsonl", allow_empty=True) if r["step"] < done
-            ]
+            rows = (
+                [r for r in read_jsonl(out / "metrics.jsonl", allow_empty=True) if r["step"] < done]
+                if main
+                else []
+            )
             extra = {
                 "stream": stream.state_dict(),
                 "detector": dict(vars(detector)),
@@ -169,7 +186,7 @@ def train_ppo(
                 if step % cfg.sample_every == 0 or step == cfg.steps - 1:
                     _write_samples(samples, step, trainer)
                 warning = detector.update(step, metrics)
-                if warning:
+                if warning and main:
                     bar.write(f"warning: {warning}")
                 if on_step is not None:
                     on_step(step, metrics)
@@ -204,11 +221,8 @@ def train_ppo(
             raise NonFiniteError(f"{exc}{kept}") from None
         finally:
             bar.close()
-    save_policy(
-        trainer.policy,
-        tokenizer,
-        out / "policy",
-        merged=out / "policy-merged" if cfg.merge_lora else None,
+    save_final_policy(
+        trainer, tokenizer, out / "policy", merged=out / "policy-merged" if cfg.merge_lora else None
     )
     summary = {
         "steps": cfg.steps,
@@ -217,7 +231,8 @@ def train_ppo(
         "hacking_step": detector.step,
         "hacking_warning": detector.message,
     }
-    atomic_write_json(out / "summary.json", summary)
+    if main:
+        atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -241,6 +256,8 @@ def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: Hack
     stream.load_state_dict(state["stream"])
     vars(detector).update(state["detector"])
     step = int(state["step"])
+    if not trainer.world.is_main:  # rank 0 trims the logs
+        return step
     # The checkpoint holds the metrics up to its step; the logs are cut back to them, so the rows
     # of steps that ran after it (and were lost with the run) are written again by this one.
     if "metrics" in state:

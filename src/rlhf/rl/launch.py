@@ -1,0 +1,70 @@
+"""Joining the process group when `rlhf` runs under torchrun.
+
+    torchrun --nproc-per-node 2 -m rlhf ppo ...                       # one machine
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 --rdzv-id RUN -m rlhf ppo ...       # on each machine
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in each process's
+environment; `init_world` reads them and starts the default group: gloo on the CPU, and on CUDA
+NCCL for GPU tensors (with gloo beside it for CPU tensors), each process on GPU LOCAL_RANK.
+Without them it returns the one-process `World`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+
+from .distributed import TorchWorld, World
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets its variables)."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a process that was not launched as part of a group: the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_world(device: str = "auto") -> World:
+    """The processes this run is spread over; starts the default group under torchrun.
+
+    `device` is the run's --device (auto, cpu or cuda): on CUDA each process takes the GPU its
+    LOCAL_RANK names. A group started elsewhere (by the caller) is used as it is.
+    """
+    import torch.distributed as dist
+
+    from ..models.loading import pick_device
+
+    if dist.is_available() and dist.is_initialized():
+        return TorchWorld(_local_device(pick_device(device)))
+    if not launched():
+        return World()
+    chosen = _local_device(pick_device(device))
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    atexit.register(_leave)
+    return TorchWorld(chosen)
+
+
+def _local_device(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -52,9 +52,32 @@ def init_world(device: str = "auto") -> World:
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, **_fresh_store())
     atexit.register(_leave)
     return TorchWorld(chosen)
+
+
+def _fresh_store() -> dict:
+    """The store to meet in, apart from what an earlier attempt left there (torchrun restarts).
+
+    torchrun (torch >= 2.5) keeps one TCPStore across `--max-restarts` attempts, so the new
+    processes can read the addresses the failed ones published and connect to dead ports
+    (pytorch/pytorch#135712). With one agent, TORCHELASTIC_RESTART_COUNT numbers the attempts
+    alike in every process, and each attempt gets keys of its own. Several agents count their
+    restarts apart: there, run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead.
+    """
+    import torch.distributed as dist
+
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return {}
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {
+        "store": dist.PrefixStore(f"rlhf/attempt-{attempt}", store),
+        "rank": rank,
+        "world_size": size,
+    }
 
 
 def _local_device(device: torch.device) -> torch.device:

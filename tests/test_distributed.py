@@ -322,3 +322,15 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_exit_2(inputs, tmp
     assert log.count("exitcode  : 2") == 2, log[-3000:]
     assert "/rlhf/" not in "".join(line for line in log.splitlines() if line.startswith("  File"))
     assert not out.exists()
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    from rlhf.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train-reward", "--out", str(tmp_path / "rm")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without torchrun" in err[0], err
+    assert not (tmp_path / "rm").exists()

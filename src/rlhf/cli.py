@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if not speaks:  # under torchrun, rank 0 alone prints (progress bars are off elsewhere)
         sys.stdout = open(os.devnull, "w")
     try:
+        if args.command in ("demo", "train-reward", "sweep"):
+            from .rl.launch import require_one_process
+
+            require_one_process(args.command)
         COMMANDS[args.command](args)
     except RLHFError as exc:
         code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (rl.run.Interrupted)

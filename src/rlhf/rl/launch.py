@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ..errors import ConfigError
 from .distributed import TorchWorld, World
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -30,6 +31,15 @@ def launched() -> bool:
 def is_main_process() -> bool:
     """Rank 0, or a process that was not launched as part of a group: the one that prints."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def require_one_process(command: str) -> None:
+    """Refuse to run `rlhf COMMAND` as several processes: only `rlhf ppo` is distributed."""
+    if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError(
+            f"`rlhf {command}` runs in one process; start it without torchrun "
+            "(of the commands, only `rlhf ppo` runs on several processes)"
+        )
 
 
 def init_world(device: str = "auto") -> World:

@@ -334,3 +334,46 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without torchrun" in err[0], err
     assert not (tmp_path / "rm").exists()
+
+
+def test_lora_policy_trains_data_parallel_like_one_process(inputs, tmp_path):
+    """Only the adapters and the value head train; DDP averages exactly those."""
+    from rlhf.cli import main
+
+    lora = ("--lora-r", "4", "--steps", "2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(ppo_args(inputs, one, *lora)) == 0
+    [(code, log)] = launch(
+        torchrun("--standalone", "--nproc-per-node", "2") + ppo_args(inputs, two, *lora)
+    )
+    assert code == 0, log[-3000:]
+    assert_same_metrics(metrics(two), metrics(one), steps=2)
+    assert (two / "policy" / "adapter_config.json").is_file()
+
+
+def test_global_sizes_must_split_over_the_processes():
+    from rlhf.errors import ConfigError
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.distributed import World, check_world
+
+    world = World()
+    world.size = 4
+    check_world(PPOConfig(batch_size=8, minibatch_size=4), world)
+    with pytest.raises(ConfigError, match=r"--batch-size 6 .* 4 processes.*such as 4"):
+        check_world(PPOConfig(batch_size=6, minibatch_size=2), world)
+    with pytest.raises(ConfigError, match=r"--minibatch-size 6 .* multiple of 4, such as 4"):
+        check_world(PPOConfig(batch_size=12, minibatch_size=6), world)
+
+
+def test_shard_refuses_lora_in_one_line(tiny_tokenizer):
+    import copy
+
+    from rlhf.errors import ConfigError
+    from rlhf.models.lora import LoraArgs, apply_lora
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.trainer import PPOTrainer
+
+    policy = apply_lora(make_tiny_lm(tiny_tokenizer), LoraArgs(lora_r=2))
+    reward = RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer)
+    with pytest.raises(ConfigError, match="--shard does not take LoRA"):
+        PPOTrainer(policy, None, copy.deepcopy(reward), tiny_tokenizer, PPOConfig(shard=True))

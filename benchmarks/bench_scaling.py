@@ -84,6 +84,16 @@ def worker(args) -> None:
             for k in PHASES:
                 phases[k].append(metrics[k])
     sampled = trainer.last_rollout.response_mask.shape[1]
+    # One gradient all-reduce alone: the communication each optimizer step adds.
+    grads = torch.zeros(sum(p.numel() for p in trainer.params), device=device)
+    allreduce = []
+    for _ in range(5):
+        world.barrier()
+        t0 = time.perf_counter()
+        world.all_reduce_sum(grads)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        allreduce.append(time.perf_counter() - t0)
     if world.is_main:
         result = {
             "world_size": world.size, "batch": B, "per_rank_batch": args.per_rank_batch,
@@ -91,25 +101,43 @@ def worker(args) -> None:
             "phases": {k: statistics.median(v) for k, v in phases.items()},
             "sampled_tokens": sampled, "device": str(device), "shard": args.shard,
             "threads": args.threads, "torch": torch.__version__,
+            "allreduce_s": statistics.median(allreduce), "grad_mb": grads.numel() * 4 / 2**20,
         }  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(args, world_size: int) -> dict:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc-per-node", str(world_size), __file__, "--worker",
+def measure(args, world_size: int, side_by_side: bool = False) -> dict:
+    """One torchrun group of `world_size` processes; or, `side_by_side`, as many independent
+    one-process runs at the same time (the same load on the machine, no communication)."""
+    launcher = (
+        [sys.executable]
+        if side_by_side
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc-per-node", str(world_size)]
+    )  # fmt: skip
+    cmd = launcher + [
+        __file__, "--worker",
         "--device", args.device, "--threads", str(args.threads),
         "--per-rank-batch", str(args.per_rank_batch), "--response-tokens", str(args.response_tokens),
         "--epochs", str(args.epochs), "--minibatches", str(args.minibatches),
         "--steps", str(args.steps), "--warmup", str(args.warmup),
     ] + (["--shard"] if args.shard else [])  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{world_size} processes failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(world_size if side_by_side else 1)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"{world_size} processes failed:\n{err[-4000:]}")
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    if side_by_side:  # the slowest of the independent runs, as a group waits for its slowest
+        slowest = max(results, key=lambda r: r["step_s"])
+        return dict(slowest, world_size=world_size, side_by_side=True)
+    return results[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--shard", action="store_true", help="FSDP2 (--shard) instead of DDP")
+    parser.add_argument(
+        "--side-by-side", action="store_true",
+        help="also run N independent 1-process runs at once: the machine's own slowdown at N busy "
+        "processes, without any communication",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -138,18 +171,26 @@ def main(argv: list[str] | None = None) -> int:
         f"per process, R={args.response_tokens}, {args.epochs} epochs x {args.minibatches} "
         f"minibatch(es), {'FSDP2' if args.shard else 'DDP'}"
     )
-    results = [measure(args, n) for n in sizes]
+    results = []
+    for n in sizes:
+        results.append(measure(args, n))
+        if args.side_by_side and n > 1:
+            results.append(measure(args, n, side_by_side=True))
     base = results[0]["step_s"]  # efficiency against the first world size (1 by default)
     print("| processes | global batch | s per step (median) | min | generate | forward | score "
-          "| update | weak-scaling efficiency |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| update | gradient all-reduce | weak-scaling efficiency |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         p = r["phases"]
+        name = f"{r['world_size']} independent" if r.get("side_by_side") else r["world_size"]
+        batch = f"{r['per_rank_batch']} each" if r.get("side_by_side") else r["batch"]
+        allreduce = "-" if r.get("side_by_side") else f"{r['allreduce_s'] * 1e3:.1f} ms"
         print(
-            f"| {r['world_size']} | {r['batch']} | {r['step_s']:.3f} | {r['min_step_s']:.3f} "
+            f"| {name} | {batch} | {r['step_s']:.3f} | {r['min_step_s']:.3f} "
             f"| {p['time/generate_s']:.3f} | {p['time/forward_s']:.3f} | {p['time/score_s']:.3f} "
-            f"| {p['time/update_s']:.3f} | {base / r['step_s']:.2f} |"
+            f"| {p['time/update_s']:.3f} | {allreduce} | {base / r['step_s']:.2f} |"
         )
+    print(f"# gradients: {results[0]['grad_mb']:.1f} MiB per all-reduce, one per optimizer step")
     print(f"# torch {results[0]['torch']}, load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         with open(args.json, "w") as fh:

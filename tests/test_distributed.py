@@ -377,3 +377,19 @@ def test_shard_refuses_lora_in_one_line(tiny_tokenizer):
     reward = RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer)
     with pytest.raises(ConfigError, match="--shard does not take LoRA"):
         PPOTrainer(policy, None, copy.deepcopy(reward), tiny_tokenizer, PPOConfig(shard=True))
+
+
+def test_auto_resume_of_a_finished_run_writes_its_outputs_again(inputs, tmp_path):
+    """A restart that comes after the last checkpoint has nothing left to train: it writes the
+    final policy and summary (which the failed attempt may not have reached) and changes no log."""
+    from rlhf.cli import main
+
+    out = tmp_path / "run"
+    assert main(ppo_args(inputs, out)) == 0
+    logged = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "policy")
+    (out / "summary.json").unlink()
+    assert main(ppo_args(inputs, out, "--auto-resume")) == 0
+    assert (out / "metrics.jsonl").read_text() == logged
+    assert (out / "policy" / "config.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["final"]["step"] == STEPS - 1

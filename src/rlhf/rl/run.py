@@ -123,7 +123,9 @@ def train_ppo(
             raise ConfigError(
                 f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
             )
-        if checkpoint_step(found[-1]) >= cfg.steps:
+        # --auto-resume after the last checkpoint (a restart that came after it) only writes the
+        # outputs that may be missing.
+        if checkpoint_step(found[-1]) >= cfg.steps and not cfg.auto_resume:
             raise ConfigError(
                 f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "
                 f"--steps {cfg.steps} leaves nothing to run"
@@ -146,6 +148,8 @@ def train_ppo(
         save_config(out, cfg)
     start = time.perf_counter()
     metrics: dict = {}
+    if first_step >= cfg.steps:
+        metrics = read_jsonl(out / "metrics.jsonl")[-1]
     bar = progress_bar(
         range(first_step, cfg.steps), desc=f"PPO (kl_coef {cfg.kl_coef:g})", disable=not progress,
         initial=first_step, total=cfg.steps,

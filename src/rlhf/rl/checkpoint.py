@@ -3,10 +3,10 @@
 A checkpoint is a folder `checkpoints/step-NNNNNN/` (N = completed steps) holding the policy and
 value weights (safetensors) and `state.pt` (optimizer, scheduler, KL controller, random generator
 states, prompt-stream position, the metrics logged so far), loaded back with
-`torch.load(weights_only=True)`. With --shard the weights and the optimizer are in `sharded/`
-instead (torch.distributed.checkpoint, one file per process, loadable at any world size). It is written to a temporary folder, flushed to disk and renamed
+`torch.load(weights_only=True)`. It is written to a temporary folder, flushed to disk and renamed
 into place, so a crash mid-write leaves the previous one intact; the next save removes the
-half-written folder.
+half-written folder. With --shard the weights and the optimizer are in `sharded/` instead
+(torch.distributed.checkpoint, a file per process, loadable at any world size).
 """
 
 from __future__ import annotations

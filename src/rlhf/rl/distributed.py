@@ -143,7 +143,8 @@ class TorchWorld(World):
             try:
                 result = fn()
             except BaseException as exc:
-                self.broadcast_object(getattr(exc, "exit_code", 2 if _is_user_error(exc) else 1))
+                user_error = isinstance(exc, RLHFError)
+                self.broadcast_object(getattr(exc, "exit_code", 2 if user_error else 1))
                 raise
             self.broadcast_object(0)
             return result
@@ -175,10 +176,6 @@ class TorchWorld(World):
             # With a separate value network the policy's own value head gets no gradient.
             find_unused_parameters=trained.value_model is not None,
         )
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, RLHFError)
 
 
 class PeerFailed(RLHFError):

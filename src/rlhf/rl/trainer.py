@@ -74,7 +74,9 @@ class PPOTrainer:
     `PolicyWithValueHead`; `ref_model` is the frozen reference (the SFT model), or None when the
     policy is a PEFT (LoRA) model, whose reference is then itself with its adapters disabled;
     `reward_model` is a `RewardModel`. `reward_tokenizer` is needed only when it differs from
-    `tokenizer`. `world` is the set of processes (`distributed`); one process by default.
+    `tokenizer`. `world` is the set of processes (`distributed`); one process by default. Training
+    forward passes go through `trained`: the policy and value network as they are, wrapped in DDP,
+    or sharded with FSDP2 (`PPOConfig.shard`); sampling calls the policy's LM directly.
     """
 
     def __init__(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,7 +155,7 @@ def launch(*cmds: list[str], timeout: float = TIMEOUT, during=None) -> list[tupl
                 pytest.fail(f"no result after {timeout} s (a hang?):\n{tails}")
             if during is not None:
                 during(procs)
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         _kill_all([p for p in procs if p.poll() is None])
     return [(p.returncode, _read(log)) for p, log in zip(procs, logs)]
@@ -269,8 +270,8 @@ def test_killed_worker_restarts_and_finishes_with_the_same_metrics(inputs, one_p
     out = tmp_path / "run"
     killed = []
 
-    def kill_rank_1_after_step_2(procs):
-        if not killed and (out / "checkpoints" / "step-000002" / "state.pt").is_file():
+    def kill_rank_1_after_step_1(procs):
+        if not killed and (out / "checkpoints" / "step-000001" / "state.pt").is_file():
             pid = _worker(procs[0], rank=1)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
@@ -279,7 +280,7 @@ def test_killed_worker_restarts_and_finishes_with_the_same_metrics(inputs, one_p
     [(code, log)] = launch(
         torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
         + ppo_args(inputs, out, "--auto-resume"),
-        during=kill_rank_1_after_step_2,
+        during=kill_rank_1_after_step_1,
     )
     assert killed, "the run ended before a worker could be killed"
     assert code == 0, log[-3000:]
@@ -318,8 +319,11 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_exit_2(inputs, tmp
     assert code != 0
     ours = [line for line in log.splitlines() if line.startswith("rlhf ppo:")]
     assert len(ours) == 1 and str(missing) in ours[0], log[-3000:]
-    # torchrun's own report: both workers exited with code 2, and no traceback came from ours.
-    assert log.count("exitcode  : 2") == 2, log[-3000:]
+    # torchrun's own report: rank 0 exited with code 2, and rank 1 too, unless torchrun stopped
+    # it first (it ends the group as soon as one process fails); no traceback came from ours.
+    report = log[log.index("Failures:") :]
+    exits = re.findall(r"rank\s+: (\d) \(local_rank: \d\)\s+exitcode\s+: (-?\d+)", report)
+    assert dict(exits)["0"] == "2" and dict(exits).get("1", "2") in ("2", "-15"), report
     assert "/rlhf/" not in "".join(line for line in log.splitlines() if line.startswith("  File"))
     assert not out.exists()
 

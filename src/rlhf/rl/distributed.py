@@ -145,11 +145,13 @@ class TorchWorld(World):
             except BaseException as exc:
                 user_error = isinstance(exc, RLHFError)
                 self.broadcast_object(getattr(exc, "exit_code", 2 if user_error else 1))
+                self.barrier()  # every process has the news: all exit together
                 raise
             self.broadcast_object(0)
             return result
         code = self.broadcast_object(None)
         if code:
+            self.barrier()
             raise PeerFailed(code)
         return fn()
 

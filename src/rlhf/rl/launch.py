@@ -28,11 +28,6 @@ def launched() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
-def is_main_process() -> bool:
-    """Rank 0, or a process that was not launched as part of a group: the one that prints."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def require_one_process(command: str) -> None:
     """Refuse to run `rlhf COMMAND` as several processes: only `rlhf ppo` is distributed."""
     if launched() and int(os.environ["WORLD_SIZE"]) > 1:
@@ -58,6 +53,12 @@ def init_world(device: str = "auto") -> World:
         return World()
     chosen = _local_device(pick_device(device))
     if chosen.type == "cuda":
+        if chosen.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun started process {chosen.index} of this machine, which has "
+                f"{torch.cuda.device_count()} GPU(s): start at most one process per GPU "
+                "(--nproc-per-node), or run on the CPU with --device cpu"
+            )
         torch.cuda.set_device(chosen)
         backend = "cpu:gloo,cuda:nccl"
     else:

@@ -4,9 +4,9 @@ Shapes: B global batch (prompts), b per-process batch, R response tokens.
 
 Run from the repository root (the `rlhf` package importable, e.g. `pip install -e .`):
 
-    python benchmarks/bench_scaling.py                              # CPU: 1 and 2 processes x 1 thread
-    python benchmarks/bench_scaling.py --device cuda --world-sizes 1,2,4,8   # one GPU per process
-    python benchmarks/bench_scaling.py --shard                      # FSDP2 instead of DDP
+    python benchmarks/bench_scaling.py                      # CPU: 1 and 2 processes x 1 thread
+    python benchmarks/bench_scaling.py --device cuda --world-sizes 1,2,4,8   # a GPU each
+    python benchmarks/bench_scaling.py --shard              # FSDP2 instead of DDP
 
 For each world size N the script starts `torchrun --standalone --nproc-per-node N` on itself (gloo
 on the CPU, NCCL on CUDA). Every process builds the same random-init GPT-2 of the built-in task's

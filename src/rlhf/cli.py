@@ -294,7 +294,7 @@ def _quiet_transformers() -> None:
 
 
 def _rank_zero() -> bool:
-    """Whether this process prints: always, except ranks 1..N under torchrun (rl.launch reads the same variables)."""
+    """Whether this process prints: always, except ranks 1..N under torchrun (as in rl.launch)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 

@@ -271,7 +271,7 @@ def check_world(cfg, world: World) -> None:
         if value % world.size:
             raise ConfigError(
                 f"--{name.replace('_', '-')} {value} does not split evenly over {how}; "
-                f"use a multiple of {world.size}, such as {max(1, value // world.size) * world.size}"
+                f"use a multiple of {world.size}, such as {max(world.size, value - value % world.size)}"
             )
 
 

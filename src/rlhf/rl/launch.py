@@ -24,7 +24,7 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher that sets its variables)."""
+    """Whether torchrun (or a launcher that sets the same variables) started this process."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 

@@ -372,6 +372,11 @@ def resume_command(argv: list[str]) -> str:
     return f"{prog} {shlex.join(args)}"
 
 
+def _rank_zero() -> bool:
+    """Whether this process prints: always, except ranks 1..N under torchrun (as in rl.launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -381,7 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_transformers()
+    speaks = _rank_zero()
+    if not speaks:  # under torchrun, rank 0 alone prints (progress bars are off elsewhere)
+        sys.stdout = open(os.devnull, "w")
     try:
+        if args.command in ("demo", "train-reward", "sweep"):
+            from .rl.launch import require_one_process
+
+            require_one_process(args.command)
         COMMANDS[args.command](args)
     except RLHFError as exc:
         code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (rl.run.Interrupted)
@@ -395,10 +407,12 @@ def main(argv: list[str] | None = None) -> int:
                 "interrupted; the cached base and reward models are kept, so running the same "
                 "command again redoes only the PPO runs"
             )
-        print(f"rlhf {args.command}: {label}{message}", file=sys.stderr)
+        if speaks:
+            print(f"rlhf {args.command}: {label}{message}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print(f"\nrlhf {args.command}: interrupted", file=sys.stderr)
+        if speaks:
+            print(f"\nrlhf {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -8,4 +8,8 @@ step        `ppo_step`, the seed's one-call form
 checkpoint  atomic checkpoints and exact resume
 detector    `HackingDetector`, the live reward-hacking warning
 dpo         `train_dpo` (`rlhf dpo`): Direct Preference Optimization, no reward model
+rollout     the rollout batch, and how its pieces are padded, joined and gathered
+distributed the processes a run is spread over (`World`, `TorchWorld`), DDP and FSDP2 wrapping
+launch      joining the process group under torchrun
+sharded_state  checkpoints of sharded runs (torch.distributed.checkpoint), the gathered policy
 """

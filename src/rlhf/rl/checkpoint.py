@@ -6,7 +6,9 @@ states, prompt-stream position, the metrics logged so far), loaded back with
 `torch.load(weights_only=True)`, and `config.json`, the options of the run that wrote it
 (`check_resume_options` refuses a resume whose options would change the algorithm). It is written
 to a temporary folder, flushed to disk and renamed into place, so a crash mid-write leaves the
-previous one intact; the next save removes the half-written folder.
+previous one intact; the next save removes the half-written folder. With --shard the weights and
+the optimizer are in `sharded/` instead (torch.distributed.checkpoint, a file per process,
+loadable at any world size).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from .sharded_state import is_sharded, load_sharded, save_sharded
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 CONFIG_FILE = "config.json"
@@ -33,7 +36,7 @@ CONFIG_FILE = "config.json"
 # unless the learning rate decays linearly over it.
 RESUMABLE = frozenset({
     "out", "resume", "steps", "sample_every", "gold", "device", "cache_dir", "trust_remote_code",
-    "save_every", "keep_checkpoints",
+    "save_every", "keep_checkpoints", "auto_resume",
 })  # fmt: skip
 
 
@@ -73,48 +76,70 @@ def load_trainable(module: nn.Module, path: Path) -> None:
 
 
 def save_checkpoint(out: str | Path, step: int, trainer, extra: dict, keep: int = 2) -> Path:
-    """Write the trainer's full state after `step` completed steps; keep the newest `keep`."""
+    """Write the trainer's full state after `step` completed steps; keep the newest `keep`.
+
+    In a distributed run every process calls it: rank 0 writes the replicated state; with --shard
+    every process also writes its shards of the weights and optimizer (`sharded_state`).
+    """
+    world = trainer.world
     root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
     target = root / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    staging = None
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    staging = Path(world.broadcast_object(staging))
+    sharded = trainer.config.shard
     try:
+        if sharded:
+            save_sharded(trainer, staging)
+        if world.is_main:
+            _write_replicated(trainer, staging, step, extra, sharded)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+            _fsync_dir(root)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    world.barrier()
+    if world.is_main:
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_replicated(trainer, staging: Path, step: int, extra: dict, sharded: bool) -> None:
+    if not sharded:
         save_file(trainable_state(trainer.policy), str(staging / "policy.safetensors"))
         if trainer.value_model is not None:
             save_file(
                 trainable_state(trainer.value_model), str(staging / "value_model.safetensors")
             )
-        state = {
-            "step": step,
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "kl_ctl": trainer.kl_ctl.state_dict(),
-            "generator": trainer.generator.get_state(),
-            "cpu_generator": trainer.cpu_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "trainer_step": trainer.step_count,
-            **extra,
-        }
-        torch.save(state, staging / "state.pt")
-        if dataclasses.is_dataclass(trainer.config):
-            (staging / CONFIG_FILE).write_text(
-                json.dumps(dataclasses.asdict(trainer.config), indent=2) + "\n", encoding="utf-8"
-            )
-        for f in staging.iterdir():
+    state = {
+        "step": step,
+        # Sharded runs keep the optimizer's state with the weights' shards.
+        **({} if sharded else {"optimizer": trainer.optimizer.state_dict()}),
+        "scheduler": trainer.scheduler.state_dict(),
+        "kl_ctl": trainer.kl_ctl.state_dict(),
+        "generator": trainer.generator.get_state(),
+        "cpu_generator": trainer.cpu_generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "trainer_step": trainer.step_count,
+        **extra,
+    }
+    torch.save(state, staging / "state.pt")
+    if dataclasses.is_dataclass(trainer.config):
+        (staging / CONFIG_FILE).write_text(
+            json.dumps(dataclasses.asdict(trainer.config), indent=2) + "\n", encoding="utf-8"
+        )
+    for f in staging.rglob("*"):
+        if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,17 +165,23 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
         raise InputError(
             f"{path / 'state.pt'}: cannot read checkpoint ({type(exc).__name__})"
         ) from None
+    if trainer.config.shard and not is_sharded(path):
+        raise InputError(f"{path}: written by a run without --shard; resume without --shard")
     try:
-        load_trainable(trainer.policy, path / "policy.safetensors")
-        if trainer.value_model is not None:
-            load_trainable(trainer.value_model, path / "value_model.safetensors")
+        if is_sharded(path):  # at any world size, with or without --shard
+            load_sharded(trainer, path)
+        else:
+            load_trainable(trainer.policy, path / "policy.safetensors")
+            if trainer.value_model is not None:
+                load_trainable(trainer.value_model, path / "value_model.safetensors")
     except Exception:  # another architecture or size: the state dict does not fit
         raise InputError(
             f"{path}: its weights do not fit this model; resume with the --model (and "
             "--value-model) of the run that wrote it"
         ) from None
     try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # else it came with the shards
+            trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.kl_ctl.load_state_dict(state["kl_ctl"])
         trainer.generator.set_state(state["generator"])

@@ -91,6 +91,8 @@ class PPOConfig:
     """value head on the policy's trunk, or a separate value network initialised from the reward model"""
     seed: int = 0
     """seed for prompts, sampling and minibatch order"""
+    shard: bool = False
+    """under torchrun: shard the policy, reference, reward and value models over the processes with FSDP2, for models too big for one device (checkpoints then use torch.distributed.checkpoint)"""
 
     def resolve(self) -> None:
         """Replace each "auto" by what it stands for with the chosen estimator (in place)."""
@@ -274,6 +276,8 @@ class PPORunConfig(PPOConfig, LoraArgs):
     """with --lora-r: also write policy-merged/, the adapter folded into the weights (plain transformers loads it)"""
     prompt_field: str = "prompt"
     """name of the prompt field in a --prompts file of records (text, or a list of messages rendered with the chat template)"""
+    auto_resume: bool = False
+    """continue from the newest checkpoint in --out if there is one, else start afresh (for torchrun --max-restarts: a restarted run carries on by itself)"""
 
     def validate(self) -> None:
         super().validate()

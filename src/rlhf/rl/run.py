@@ -6,6 +6,7 @@ Loading the inputs is in `inputs`, live hacking detection in `detector`, checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -17,7 +18,6 @@ from pathlib import Path
 
 from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
-from ..models.policy import save_policy
 from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
 from .checkpoint import (
     check_resume_options,
@@ -28,7 +28,10 @@ from .checkpoint import (
 )
 from .config import PPORunConfig
 from .detector import HackingDetector
+from .distributed import Discard, check_world
 from .inputs import load_run_inputs
+from .launch import init_world
+from .sharded_state import save_final_policy
 from .step import ppo_step as ppo_step  # re-exported
 from .trainer import NonFiniteError, PPOTrainer
 
@@ -109,12 +112,19 @@ def train_ppo(
     Without `cfg.resume`, an earlier run in `cfg.out` is replaced (its files are listed in one
     printed line); with it, the run continues from its newest checkpoint. `label` names the run
     on its progress bar (default "PPO (kl_coef B)"). The summary's `steps` counts the steps run
-    by this call; `first_step` is where it started (0, or the checkpoint it resumed from).
+    by this call; `first_step` is where it started (0, or the checkpoint it resumed from). Under
+    torchrun it runs on every process (`launch`); rank 0 alone prints and writes the outputs.
     """
     from ..task.gold import GoldJudge
 
     cfg.validate()
     out = Path(cfg.out)
+    world = init_world(cfg.device)
+    check_world(cfg, world)
+    main = world.is_main
+    progress = progress and main
+    if cfg.auto_resume:  # rank 0 decides, so that every process does the same
+        cfg = dataclasses.replace(cfg, resume=world.broadcast_object(bool(checkpoint_dirs(out))))
     if cfg.resume:
         found = checkpoint_dirs(out)
         if not found:
@@ -122,31 +132,38 @@ def train_ppo(
                 f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume"
             )
         check_resume_options(found[-1], cfg)
-        if checkpoint_step(found[-1]) >= cfg.steps:
+        # --auto-resume after the last checkpoint (a restart that came after it) only writes the
+        # outputs that may be missing.
+        if checkpoint_step(found[-1]) >= cfg.steps and not cfg.auto_resume:
             raise ConfigError(
                 f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "
                 f"--steps {cfg.steps} leaves nothing to run"
             )
-    prompts, policy, ref, reward_model, tokenizer = load_run_inputs(cfg, progress)
+    prompts, policy, ref, reward_model, tokenizer = world.main_first(
+        lambda: load_run_inputs(cfg, progress)
+    )
     # Seeded after loading: on a cold cache, loading trains models first and draws from the RNG.
     set_seed(cfg.seed)
     builtin_prompts = cfg.prompts is None
     gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
-    trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold)
+    trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold, world=world)
     stream = PromptStream(prompts, cfg.batch_size, cfg.seed)
     detector = HackingDetector()
     first_step = _resume(out, trainer, stream, detector) if cfg.resume else 0
-    if not cfg.resume:
-        replaced = replace_earlier_run(out)
-        if replaced:
-            print(
-                f"{out} held an earlier run: replaced its {', '.join(replaced)} "
-                "(--resume continues a run instead)"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(out, cfg)
+    if main:
+        if not cfg.resume:
+            replaced = replace_earlier_run(out)
+            if replaced:
+                print(
+                    f"{out} held an earlier run: replaced its {', '.join(replaced)} "
+                    "(--resume continues a run instead)"
+                )
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(out, cfg)
     start = time.perf_counter()
     metrics: dict = {}
+    if first_step >= cfg.steps:
+        metrics = read_jsonl(out / "metrics.jsonl")[-1]
     # Updated by hand after each step: a `for` over the bar would stop it at N-1 of N, since the
     # loop leaves by `break` before tqdm counts the last step.
     bar = progress_bar(
@@ -156,15 +173,17 @@ def train_ppo(
     resumed = first_step > 0
     step = first_step
     with (
-        RunLogger(out, append=resumed) as logger,
-        JsonlWriter(out / "samples.jsonl", append=resumed) as samples,
+        RunLogger(out, append=resumed) if main else Discard() as logger,
+        JsonlWriter(out / "samples.jsonl", append=resumed) if main else Discard() as samples,
         _GracefulStop() as stop,
     ):
 
         def checkpoint(done: int) -> Path:
-            rows = [
-                r for r in read_jsonl(out / "metrics.jsonl", allow_empty=True) if r["step"] < done
-            ]
+            rows = (
+                [r for r in read_jsonl(out / "metrics.jsonl", allow_empty=True) if r["step"] < done]
+                if main
+                else []
+            )
             extra = {
                 "stream": stream.state_dict(),
                 "detector": dict(vars(detector)),
@@ -188,7 +207,7 @@ def train_ppo(
                 if step % cfg.sample_every == 0 or step == cfg.steps - 1:
                     _write_samples(samples, step, trainer)
                 warning = detector.update(step, metrics)
-                if warning:
+                if warning and main:
                     bar.write(f"warning: {warning}")
                 if on_step is not None:
                     on_step(step, metrics)
@@ -226,7 +245,7 @@ def train_ppo(
             bar.close()
     with quiet_transformers_bars():
         merged = out / "policy-merged" if cfg.merge_lora else None
-        save_policy(trainer.policy, tokenizer, out / "policy", merged=merged)
+        save_final_policy(trainer, tokenizer, out / "policy", merged=merged)
     summary = {
         "steps": cfg.steps - first_step,  # run by this call; a resumed run started at first_step
         "first_step": first_step,
@@ -236,7 +255,8 @@ def train_ppo(
         "hacking_step": detector.step,
         "hacking_warning": detector.message,
     }
-    atomic_write_json(out / "summary.json", summary)
+    if main:
+        atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -295,6 +315,8 @@ def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: Hack
     stream.load_state_dict(state["stream"])
     vars(detector).update(state["detector"])
     step = int(state["step"])
+    if not trainer.world.is_main:  # rank 0 trims the logs
+        return step
     # The checkpoint holds the metrics up to its step; the logs are cut back to them, so the rows
     # of steps that ran after it (and were lost with the run) are written again by this one.
     if "metrics" in state:

@@ -48,7 +48,7 @@ from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
 from .advantages import compute_advantages
 from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
-from .distributed import World
+from .distributed import TrainedModules, World, check_world, full_norm, sync_gradients
 from .rollout import Rollout, gather, join
 
 
@@ -74,7 +74,9 @@ class PPOTrainer:
     `PolicyWithValueHead`; `ref_model` is the frozen reference (the SFT model), or None when the
     policy is a PEFT (LoRA) model, whose reference is then itself with its adapters disabled;
     `reward_model` is a `RewardModel`. `reward_tokenizer` is needed only when it differs from
-    `tokenizer`. `world` is the set of processes (`distributed`); one process by default.
+    `tokenizer`. `world` is the set of processes (`distributed`); one process by default. Training
+    forward passes go through `trained`: the policy and value network as they are, wrapped in DDP,
+    or sharded with FSDP2 (`PPOConfig.shard`); sampling calls the policy's LM directly.
     """
 
     def __init__(
@@ -129,14 +131,8 @@ class PPOTrainer:
         self.value_model = (
             ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
         )
-        params = [
-            p
-            for name, p in self.policy.named_parameters()
-            if p.requires_grad and not (self.critic_free and name.startswith("value_head."))
-        ]
-        if self.value_model is not None:
-            params += list(self.value_model.parameters())
-        self.params = params
+        if self.critic_free and self.policy.value_head is not None:
+            self.policy.value_head.requires_grad_(False)  # a head it was given is not trained
         for model in (self.policy, self.ref_model, self.reward_model, self.value_model):
             if model is not None:
                 swap_slow_gelu(model)
@@ -147,6 +143,20 @@ class PPOTrainer:
                 if model is not None:
                     disable_dropout(model)
                     enable_checkpointing(model)
+        check_world(cfg, self.world)
+        if cfg.shard and (is_peft(self.policy.lm) or shares_base):
+            raise ConfigError(
+                "--shard does not take LoRA models (--lora-r, or a LoRA reward model on the "
+                "policy's base): their trained adapters are small, so run data-parallel instead"
+            )
+        # Spread the models over the processes (`distributed`): DDP wraps the trained modules,
+        # --shard puts every model under FSDP2 (new parameter objects); one process: as they are.
+        self.trained = self.world.parallelize(
+            TrainedModules(self.policy, self.value_model),
+            [self.ref_model, None if shares_base else self.reward_model],
+            shard=cfg.shard,
+        )
+        params = self.params = [p for p in self.trained.parameters() if p.requires_grad]
         # eps 1e-5 as in lm-human-preferences' Adam. The fused kernel updates every tensor in one
         # pass (the default of transformers' Trainer too); it needs floating-point CPU/CUDA params.
         fused = self.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
@@ -193,9 +203,7 @@ class PPOTrainer:
         R = ids.shape[1] - P
         with self._autocast():
             # The LM head runs on the last R+1 positions only; the prompt needs no logits.
-            logits, values = self.policy(ids, mask, logits_to_keep=R + 1)  # (B, R+1, V), (B, P+R)
-            if self.value_model is not None:
-                values = self.value_model(ids, mask)  # (B, P+R)
+            logits, values = self.trained(ids, mask, logits_to_keep=R + 1)  # (B, R+1, V), (B, P+R)
         if values is None or self.critic_free:
             return self._scaled(logits[:, :-1]), torch.zeros(ids.shape[0], R, device=ids.device)
         # The logits at position P-1+t predict response token t; the value there is V(s_t).
@@ -364,12 +372,16 @@ class PPOTrainer:
                     for s in range(mine.start, mine.stop, micro):
                         idx = mb[s : min(s + micro, mine.stop)]  # (m,)
                         w = weight[s : min(s + micro, mine.stop)]  # (m, R)
-                        loss, micro_sums = self._micro_loss(b, idx, w, response)
-                        bad = bad or not bool(torch.isfinite(loss))
-                        # Gradient averaging over processes divides by their number; undo it.
-                        (loss * world.size).backward()
+                        # Processes average gradients once, in the minibatch's last backward.
+                        with sync_gradients(self.trained, s + micro >= mine.stop):
+                            loss, micro_sums = self._micro_loss(b, idx, w, response)
+                            bad = bad or not bool(torch.isfinite(loss))
+                            # Gradient averaging over processes divides by their number; undo it.
+                            (loss * world.size).backward()
                         sums += micro_sums
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    grad_norm = full_norm(
+                        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    )
                     if bad:
                         self._raise_non_finite("loss")
                     if not torch.isfinite(grad_norm):

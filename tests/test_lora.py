@@ -103,13 +103,17 @@ def _argv(model_dir, rm_dir, prompts, out, *extra) -> list[str]:
     ]  # fmt: skip
 
 
-def test_cli_lora_ppo_saves_an_adapter_and_a_merged_model(tmp_path, inputs):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_lora_ppo_saves_an_adapter_and_a_merged_model(tmp_path, inputs, dtype):
+    """The merged model is the float32 base plus the adapter, also when training held the base
+    in bf16 (what --dtype auto does on a GPU)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_dir, rm_dir, prompts = inputs
     out = tmp_path / "run"
-    assert main(_argv(model_dir, rm_dir, prompts, out, "--lora-r", "4", "--merge-lora")) == 0
+    argv = _argv(model_dir, rm_dir, prompts, out, "--lora-r", "4", "--merge-lora", "--dtype", dtype)
+    assert main(argv) == 0
     assert (out / "policy" / "adapter_config.json").is_file()
     assert not (out / "policy" / "model.safetensors").exists()  # no second copy of the base
     adapter = json.loads((out / "policy" / "adapter_config.json").read_text())

@@ -6,13 +6,12 @@ with a reward adapter (and the reward head) they are the reward model, when it w
 LoRA on the same base. TRL's multi-adapter PPO (trl <= 0.11) did the same.
 
 Adapters are saved in PEFT's format (`PeftModel.from_pretrained(base, folder)` loads them);
-`merged_copy` gives a plain transformers model with the adapter folded in.
+`models.policy.save_policy` can also write the adapter merged into a plain transformers model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -154,15 +153,6 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         for item in nested.iterdir():
             item.replace(directory / item.name)
         nested.rmdir()
-
-
-def merged_copy(model: nn.Module, adapter_name: str = "default") -> nn.Module:
-    """A plain float32 transformers model with one adapter folded into the weights.
-
-    The merge runs in float32: a small low-rank update added to bf16 weights would mostly round
-    away. Any other adapter on the model (a shared reward adapter) is dropped.
-    """
-    return copy.deepcopy(model).float().merge_and_unload(adapter_names=[adapter_name])
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from .forward import (
     position_ids_from_mask,
 )
 from .loading import check_model_dir, load_causal_lm
-from .lora import adapter_base, is_peft, load_adapter, merged_copy, save_adapter
+from .lora import adapter_base, is_peft, load_adapter, save_adapter
 from .reward_model import RewardModel, load_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -125,13 +125,17 @@ def save_policy(
     """Write the policy where `load_policy` reads it; a LoRA policy as its adapter (PEFT format).
 
     With `merged`, a LoRA policy is also written there with the adapter folded into the weights,
-    as a plain transformers model.
+    as a plain transformers model: the saved adapter merged, in float32, into the base model read
+    again from its folder (in memory the base may be bf16, and bf16 base + update would lose the
+    base's own precision).
     """
     directory = Path(directory)
     if is_peft(policy.lm):
         save_adapter(policy.lm, directory)
         if merged is not None:
-            merged_copy(policy.lm).save_pretrained(merged, safe_serialization=True)
+            base = load_causal_lm(check_model_dir(adapter_base(directory)), dtype=torch.float32)
+            merged_lm = load_adapter(base, directory).merge_and_unload()
+            merged_lm.save_pretrained(merged, safe_serialization=True)
             tokenizer.save_pretrained(merged)
     else:
         policy.lm.save_pretrained(directory, safe_serialization=True)

@@ -29,7 +29,8 @@ from rlhf.errors import ConfigError, InputError
 from rlhf.models.policy import load_policy
 from rlhf.models.reward_model import RewardModel
 from rlhf.rl.config import PPOConfig
-from rlhf.rl.trainer import NonFiniteError, PPOTrainer
+from rlhf.rl.trainer import PPOTrainer
+from rlhf.rl.update import NonFiniteError
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rlhf"
 
@@ -562,18 +563,18 @@ def _assert_unchanged(trainer: PPOTrainer, snapshot: tuple[dict, list]) -> None:
 
 
 def test_nan_loss_changes_no_weight_and_names_the_step(tiny_tokenizer, monkeypatch):
-    import rlhf.rl.trainer
+    import rlhf.rl.update
 
     trainer = _trainer(tiny_tokenizer)
     trainer.step(PROMPTS)
     before = _snapshot(trainer)
-    original = rlhf.rl.trainer.policy_loss_per_token
+    original = rlhf.rl.update.policy_loss_per_token
 
     def nan_loss(*args, **kwargs):
         loss, clipped, log_ratio = original(*args, **kwargs)
         return loss * float("nan"), clipped, log_ratio
 
-    monkeypatch.setattr(rlhf.rl.trainer, "policy_loss_per_token", nan_loss)
+    monkeypatch.setattr(rlhf.rl.update, "policy_loss_per_token", nan_loss)
     with pytest.raises(NonFiniteError, match=r"^step 2: the loss is not finite"):
         trainer.step(PROMPTS)
     _assert_unchanged(trainer, before)

@@ -33,7 +33,8 @@ from .inputs import load_run_inputs
 from .launch import init_world
 from .sharded_state import save_final_policy
 from .step import ppo_step as ppo_step  # re-exported
-from .trainer import NonFiniteError, PPOTrainer
+from .trainer import PPOTrainer
+from .update import NonFiniteError
 
 
 class PromptStream:

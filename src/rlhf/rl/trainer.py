@@ -21,17 +21,13 @@ from torch import nn
 
 from ..core import (
     compute_kl_penalty,
-    entropy_from_logprobs,
     explained_variance,
     kl_estimate,
     logprobs_from_logits,
-    loss_token_weights,
     masked_mean,
-    policy_loss_per_token,
     response_mask_from_eos,
-    value_loss_per_token,
 )
-from ..errors import ConfigError, RLHFError
+from ..errors import ConfigError
 from ..models.forward import (
     accepts_kwarg,
     autocast,
@@ -48,8 +44,9 @@ from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
 from .advantages import compute_advantages
 from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
-from .distributed import TrainedModules, World, check_world, full_norm, sync_gradients
+from .distributed import TrainedModules, World, check_world
 from .rollout import Rollout, gather, join
+from .update import NonFiniteError, PPOUpdate
 
 
 def _freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -67,7 +64,7 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
-class PPOTrainer:
+class PPOTrainer(PPOUpdate):
     """Holds the models, the optimizer, the KL controller and the config; `step(prompts)` runs PPO.
 
     `policy` is a Hugging Face causal LM (wrapped with a zero-initialised value head) or a
@@ -336,124 +333,6 @@ class PPOTrainer:
         """Per-token rewards, advantages and returns by --advantage-estimator, set on `b`."""
         compute_advantages(b, self.config, self.kl_ctl.value)
 
-    # ----- phase 5: PPO epochs over minibatches of micro-batches ----------------------------
-    STATS = (
-        "loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio",
-        "policy/entropy", "val/clipfrac",
-    )  # fmt: skip
-
-    def update(self, b: Rollout) -> dict[str, float]:
-        """PPO epochs on the global batch `b`; this process runs its share of each minibatch.
-
-        Every token's loss is weighted by 1 / (tokens in the global minibatch), so summing the
-        micro-batches' losses (and, across processes, their gradients) gives the minibatch's
-        token-mean loss exactly, whatever the split (ppo-details 17).
-        """
-        cfg, world = self.config, self.world
-        B, M = len(b), cfg.minibatch_size
-        share = M // world.size
-        micro = cfg.micro_batch_size or share
-        response = b.query_response[:, b.P :]  # (B, R)
-        rows = []  # per minibatch: the weighted sums of STATS
-        grad_norms = []
-        self._train_mode(True)
-        try:
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(B, generator=self.cpu_generator).to(b.response_mask.device)
-                for start in range(0, B, M):
-                    mb = order[start : start + M]  # (M,)
-                    weight = loss_token_weights(
-                        b.response_mask[mb], cfg.loss_aggregation, cfg.response_tokens
-                    )  # (M, R)
-                    mine = slice(world.rank * share, (world.rank + 1) * share)
-                    sums = torch.zeros(len(self.STATS), device=self.device)
-                    bad = False
-                    self.optimizer.zero_grad(set_to_none=True)
-                    for s in range(mine.start, mine.stop, micro):
-                        idx = mb[s : min(s + micro, mine.stop)]  # (m,)
-                        w = weight[s : min(s + micro, mine.stop)]  # (m, R)
-                        # Processes average gradients once, in the minibatch's last backward.
-                        with sync_gradients(self.trained, s + micro >= mine.stop):
-                            loss, micro_sums = self._micro_loss(b, idx, w, response)
-                            bad = bad or not bool(torch.isfinite(loss))
-                            # Gradient averaging over processes divides by their number; undo it.
-                            (loss * world.size).backward()
-                        sums += micro_sums
-                    grad_norm = full_norm(
-                        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    )
-                    if bad:
-                        self._raise_non_finite("loss")
-                    if not torch.isfinite(grad_norm):
-                        self._raise_non_finite("gradient norm")
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    rows.append(sums)
-                    grad_norms.append(float(grad_norm))
-        finally:
-            self._train_mode(False)
-        totals = world.all_reduce_sum(torch.stack(rows)).cpu()  # (n_minibatches, n_stats)
-        stats = dict(zip(self.STATS, totals.mean(0).tolist()))
-        stats["policy/first_ratio"] = float(totals[0, self.STATS.index("policy/ratio")])
-        stats["policy/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        if self.critic_free:  # no value function was trained
-            del stats["loss/value"], stats["val/clipfrac"]
-        return stats
-
-    def _micro_loss(
-        self, b: Rollout, idx: torch.Tensor, w: torch.Tensor, response: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weighted loss of rows `idx` and the weighted sums of STATS over them."""
-        cfg = self.config
-        mask = b.response_mask[idx]  # (m, R)
-        # Trim the padding these rows share, so short micro-batches run short forward passes.
-        R = int(mask.sum(1).max())
-        P = int(b.attention_mask[idx, : b.P].sum(1).max())  # longest prompt (left-padded)
-        ids = b.query_response[idx, b.P - P : b.P + R]  # (m, P+R)
-        attn = b.attention_mask[idx, b.P - P : b.P + R]  # (m, P+R)
-        mask, w = mask[:, :R], w[:, :R]  # (m, R)
-        logits, values = self._policy_forward(ids, attn, P)  # (m, R, V), (m, R)
-        logp_all = torch.log_softmax(logits, dim=-1)  # (m, R, V), float32
-        logprobs = logp_all.gather(-1, response[idx, :R].unsqueeze(-1)).squeeze(-1)  # (m, R)
-        old = b.logprobs[idx, :R]  # (m, R)
-        pg, clipped, log_ratio = policy_loss_per_token(
-            logprobs, old, b.advantages[idx, :R], mask, cfg.clip_eps
-        )  # (m, R) x3
-        vf, vf_clipped = value_loss_per_token(
-            values, b.values[idx, :R], b.returns[idx, :R], mask, cfg.value_clip_eps
-        )  # (m, R) x2
-        per_token = pg if self.critic_free else pg + cfg.vf_coef * vf  # (m, R)
-        if cfg.kl_in == "loss":  # ppo-details 13
-            # Masked positions take the policy's own log-prob (KL 0) so garbage there cannot
-            # overflow into a nan gradient.
-            ref = torch.where(mask.bool(), b.ref_logprobs[idx, :R], logprobs.detach())  # (m, R)
-            per_token = per_token + self.kl_ctl.value * kl_estimate(logprobs, ref, cfg.kl_estimator)
-        loss = (w * per_token).sum()
-        with torch.no_grad():
-            # One row at a time: the entropy's (R, V) temporaries would otherwise rival the
-            # logits themselves in memory.
-            entropy = torch.stack(
-                [entropy_from_logprobs(row) for row in logp_all.detach()]
-            )  # (m, R)
-            sums = torch.stack(
-                [
-                    (w * pg).sum(),
-                    (w * vf).sum(),
-                    (w * 0.5 * log_ratio.pow(2)).sum(),
-                    (w * clipped).sum(),
-                    (w * log_ratio.exp()).sum(),
-                    (w * entropy).sum(),
-                    (w * vf_clipped).sum(),
-                ]
-            ).to(self.device)
-        return loss, sums
-
-    def _raise_non_finite(self, name: str) -> None:
-        raise NonFiniteError(
-            f"step {self.step_count + 1}: the {name} is not finite; no weights were changed by this "
-            "minibatch (try a lower --lr, or check the reward model's scores)"
-        )
-
     # ----- one step --------------------------------------------------------------------------
     def step(self, prompts: list[str]) -> dict[str, float]:
         """One PPO step on these prompts (the global batch, the same list in every process)."""
@@ -501,7 +380,3 @@ class PPOTrainer:
         metrics["time/step_s"] = time.perf_counter() - start
         self.last_rollout = b
         return metrics
-
-
-class NonFiniteError(RLHFError):
-    """A loss, reward or gradient became NaN or infinite."""

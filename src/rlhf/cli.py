@@ -8,13 +8,13 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import sys
 import typing
 from pathlib import Path
 
+from .analysis.frontier import SweepConfig
 from .cli_options import (
     EXAMPLES,
     PPO_EXAMPLES,
@@ -26,12 +26,11 @@ from .cli_options import (
     wrap,
 )
 from .cli_options import field_docs as field_docs  # re-exported
-from .errors import ConfigError, RLHFError
+from .errors import RLHFError
 from .reward.train import RewardConfig
 from .rl.config import PPORunConfig
 from .rl.dpo import DPOConfig
 
-SWEEP_METHODS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "dpo", "best_of_n")
 SWEEP_EXAMPLES = """\
 examples:
   rlhf sweep                     PPO at five KL coefficients and best-of-n, one seed (about 4 minutes)
@@ -124,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo = sub.add_parser(
         "dpo",
         help="fine-tune a policy directly on preference pairs with DPO (or IPO), no reward model",
-        description=(
+        description=wrap(
             "Direct Preference Optimization against a frozen reference. With no --data, pairs are sampled "
             "from the built-in base model and labelled by the gold judge, as train-reward makes them. Writes "
             "the policy (Hugging Face format), config.json, metrics.jsonl and dpo_eval.json (held-out "
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser(
         "plot",
         help="draw the reward/KL trade-off and training diagnostics of a finished run",
-        description=(
+        description=wrap(
             "Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png "
             "beside it. A folder of runs (such as runs/demo) has every PPO run inside it plotted."
         ),
@@ -151,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser(
         "sweep",
         help="every method on one reward-KL frontier: PPO, RLOO, GRPO, REINFORCE++, DPO, best-of-n",
-        description=(
+        description=wrap(
             "On the built-in task, run each method of --algos once per coefficient (--kl-coefs; DPO: "
             "--dpo-betas) and seed, and plot the gold and proxy score against d = sqrt(KL to the "
             "reference), mean and band over seeds, with the functional forms of Gao, Schulman and "
@@ -162,38 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SWEEP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sweep.add_argument(
-        "--algos",
-        default="gae,best_of_n",
-        help=f"comma-separated methods, from {','.join(SWEEP_METHODS)} (default: gae,best_of_n)",
-    )
-    sweep.add_argument(
-        "--kl-coefs",
-        default="0,0.01,0.03,0.1,0.3",
-        help="comma-separated KL coefficients of the RL methods (default: 0,0.01,0.03,0.1,0.3)",
-    )
-    sweep.add_argument(
-        "--dpo-betas",
-        default="0.03,0.1,0.3",
-        help="comma-separated DPO betas (default: 0.03,0.1,0.3)",
-    )
-    sweep.add_argument("--seeds", type=int, default=1, help="seeds per setting (default: 1)")
-    sweep.add_argument("--steps", type=int, default=60, help="steps per RL run (default: 60)")
-    sweep.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (default: 1e-4)")
-    sweep.add_argument(
-        "--sequences", type=int, default=64, help="responses sampled per RL step (default: 64)"
-    )
-    sweep.add_argument(
-        "--samples-per-prompt",
-        type=int,
-        default=4,
-        help="k for rloo, grpo, dr_grpo: --sequences / k prompts, k samples each (default: 4)",
-    )
-    sweep.add_argument("--out", default="runs/sweep", help="output folder (default: runs/sweep)")
-    sweep.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
-    sweep.add_argument(
-        "--cache-dir", default=None, help="cache for the built-in base and reward models"
-    )
+    add_config_arguments(sweep, SweepConfig)
     parser.commands = sub.choices
     return parser
 
@@ -287,55 +255,15 @@ def _run_plot(args) -> None:
             print(f"wrote {path}")
 
 
-def _parse_numbers(text: str, option: str) -> list[float]:
-    try:
-        numbers = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"{option}: expected comma-separated numbers such as 0,0.03,0.1, got {text!r}"
-        ) from None
-    if not numbers or any(not math.isfinite(c) or c < 0 for c in numbers):
-        raise ConfigError(f"{option}: expected one or more numbers >= 0, got {text!r}")
-    return numbers
-
-
-def _sweep_plan(args):
-    from .analysis.frontier import METHODS, SweepPlan
-
-    methods = [m.strip() for m in args.algos.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ConfigError(
-            f"--algos: unknown method {unknown[0] if unknown else args.algos!r}; choose from "
-            f"{','.join(METHODS)}"
-        )
-    for name, value in (
-        ("--steps", args.steps),
-        ("--seeds", args.seeds),
-        ("--sequences", args.sequences),
-    ):
-        if value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
-    k = args.samples_per_prompt
-    if any(m in ("rloo", "grpo", "dr_grpo") for m in methods):
-        from .core import check_samples_per_prompt
-
-        check_samples_per_prompt(k, args.sequences, "a group method of --algos")
-    return SweepPlan(
-        methods=methods, kl_coefs=_parse_numbers(args.kl_coefs, "--kl-coefs"),
-        dpo_betas=_parse_numbers(args.dpo_betas, "--dpo-betas"), seeds=args.seeds,
-        steps=args.steps, sequences=args.sequences, samples_per_prompt=k,
-    )  # fmt: skip
-
-
 def _run_sweep(args) -> None:
     from .analysis.frontier import frontier_sweep, peak_table
 
-    plan = _sweep_plan(args)
-    base = PPORunConfig(lr=args.lr, seed=args.seed, cache_dir=args.cache_dir)
+    cfg = config_from_args(SweepConfig, args)
+    plan = cfg.plan()
+    base = PPORunConfig(lr=cfg.lr, seed=cfg.seed, cache_dir=cfg.cache_dir)
     base.validate()
-    result = frontier_sweep(plan, out=args.out, base=base)
-    out = Path(args.out)
+    result = frontier_sweep(plan, out=cfg.out, base=base)
+    out = Path(cfg.out)
     print(
         f"sweep: {', '.join(plan.methods)} over {plan.seeds} seed(s)\n{peak_table(result)}\n"
         f"  figure:  {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"

@@ -23,12 +23,15 @@ _EXPORTS = {
     "PPORunConfig": "rlhf.rl.config",
     "PPOTrainer": "rlhf.rl.trainer",
     "PPOConfig": "rlhf.rl.config",
+    "train_dpo": "rlhf.rl.dpo",
+    "DPOConfig": "rlhf.rl.dpo",
     "compute_kl_penalty": "rlhf.core",
     "plot_reward_kl_tradeoff": "rlhf.analysis.plots",
     "demonstrate_reward_hacking": "rlhf.analysis.hacking",
 }
 
 __all__ = [
+    "DPOConfig",
     "PPOConfig",
     "PPORunConfig",
     "PPOTrainer",
@@ -41,6 +44,7 @@ __all__ = [
     "plot_reward_kl_tradeoff",
     "ppo_step",
     "reward_model_loss",
+    "train_dpo",
     "train_ppo",
     "train_reward",
 ]
@@ -56,6 +60,7 @@ if TYPE_CHECKING:
     from .reward.preferences import create_preference_dataset
     from .reward.train import RewardConfig, train_reward
     from .rl.config import PPOConfig, PPORunConfig
+    from .rl.dpo import DPOConfig, train_dpo
     from .rl.run import train_ppo
     from .rl.step import ppo_step
     from .rl.trainer import PPOTrainer

@@ -12,7 +12,8 @@ per step (the group methods as B / 4 prompts x 4 samples), 4 epochs over 1 minib
 threads. The methods take turns step by step, so they run under the same machine load, and the
 median of the timed rounds (after 2 warm-up rounds) is reported with its phases: rollout passes
 (generation, forward passes, scoring) and the update. The ratio is against PPO with its value head
-(gae). A random-init model puts about 1/1024 of its mass on EOS, so every response runs to R
+on the policy's trunk (gae); gae_value_model is PPO with a separate value network
+(--value-model reward), as TRL's PPOTrainer and OpenRLHF train their critic. A random-init model puts about 1/1024 of its mass on EOS, so every response runs to R
 tokens and every method processes the same tokens.
 """
 
@@ -38,7 +39,9 @@ from rlhf.rl.trainer import PPOTrainer  # noqa: E402
 from rlhf.task import corpus  # noqa: E402
 from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
 
-METHODS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")
+# gae_value_model: PPO with a separate value network (--value-model reward), the critic that TRL's
+# PPOTrainer and OpenRLHF train; gae alone has the value head on the policy's trunk.
+METHODS = ("gae", "gae_value_model", "rloo", "grpo", "dr_grpo", "reinforce_pp")
 GROUP = ("rloo", "grpo", "dr_grpo")
 PHASES = ("time/generate_s", "time/forward_s", "time/score_s", "time/update_s")
 
@@ -56,10 +59,12 @@ def build(seed: int = 0):
 
 def trainer_for(method: str, tok, lm, sequences: int, response: int) -> PPOTrainer:
     k = 4 if method in GROUP else 1
+    separate = method == "gae_value_model"
     cfg = PPOConfig(
         steps=10**6, batch_size=sequences // k, samples_per_prompt=k, minibatch_size=sequences,
-        ppo_epochs=4, response_tokens=response, lr=1e-5, kl_coef=0.05, advantage_estimator=method,
-        dtype="float32",
+        ppo_epochs=4, response_tokens=response, lr=1e-5, kl_coef=0.05, dtype="float32",
+        advantage_estimator="gae" if separate else method,
+        value_model="reward" if separate else "shared",
     )  # fmt: skip
     reward = RewardModel(copy.deepcopy(lm), tokenizer=tok)
     return PPOTrainer(copy.deepcopy(lm), copy.deepcopy(lm), reward, tok, cfg)

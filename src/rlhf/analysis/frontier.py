@@ -317,7 +317,7 @@ def _fit_and_tabulate(result: dict) -> None:
             peak = max(range(len(relative)), key=relative.__getitem__)
             row = {
                 "setting": name, "gold": relative[peak], "gold_std": s["gold_std"][peak],
-                "kl": s["d"][peak] ** 2, "seconds": s["seconds"][peak],
+                "kl": s["d"][peak] ** 2, "seconds": s["seconds"][peak], "index": peak,
                 "n": s["n"][peak] if "n" in s else None,
             }  # fmt: skip
             if best is None or row["gold"] > best["gold"]:
@@ -334,19 +334,22 @@ def _fit_and_tabulate(result: dict) -> None:
 
 
 def peak_table(result: dict) -> str:
-    """Markdown: per method, gold at its peak (over settings and steps), the KL there, and the
-    seconds it took to get there; RL methods also their mean seconds per step."""
+    """Markdown: per method, gold at its peak (over settings and steps), the KL there, when (the RL
+    step), and the seconds it took to get there; RL methods also their mean seconds per step.
+    Seconds are wall time as measured: on a busy machine compare steps, and time a step alone
+    (benchmarks/bench_algos.py)."""
     lines = [
-        "| method | best setting | gold at its peak (± std over seeds) | KL there (nats) | seconds to get there | s per step |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | best setting | gold at its peak (± std over seeds) | KL there (nats) | at step | seconds to get there | s per step |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for method, entry in result["methods"].items():
         p = entry["peak"]
         knob = entry["knob"]
         setting = f"n = {p['n']}" if method == "best_of_n" else f"{knob} {p['setting']}"
-        step = f"{entry['step_s']:.2f}" if "step_s" in entry else ""
+        step_s = f"{entry['step_s']:.2f}" if "step_s" in entry else ""
+        at = str(p.get("index", "")) if method in RL_METHODS else ""
         lines.append(
             f"| {LABELS[method]} | {setting} | {p['gold']:+.3f} ± {p['gold_std']:.3f} | "
-            f"{p['kl']:.1f} | {p['seconds']:.0f} | {step} |"
+            f"{p['kl']:.1f} | {at} | {p['seconds']:.0f} | {step_s} |"
         )
     return "\n".join(lines)

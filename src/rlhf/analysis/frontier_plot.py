@@ -54,6 +54,11 @@ def _curve(ax, s: dict, color, label: str, proxy: bool = True) -> float:
     gold0 = s["gold"][0]
     gold = np.asarray(s["gold"]) - gold0
     std = np.asarray(s["gold_std"])
+    if len(d) == 2:  # one measured point (DPO: the trained policy against its reference)
+        ax.errorbar(
+            d[1:], gold[1:], yerr=std[1:], fmt="o", color=color, ms=6, capsize=3, label=label
+        )
+        return float(d.max())
     marker = "o" if len(d) <= 8 else None
     ax.plot(d, gold, "-", color=color, lw=1.6, marker=marker, ms=4, label=label)
     if len(s.get("per_seed", [])) > 1:
@@ -111,7 +116,10 @@ def plot_methods(result: dict, path: str | Path) -> None:
         ax.set_xlabel("d = sqrt(KL to the reference), sqrt(nats)")
         ax.set_ylabel("score − reference's")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if ax is summary_ax:  # many curves: the legend goes under the panel
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        else:
+            ax.legend(fontsize=7, loc="best")
     for ax in axes[n:]:
         ax.set_visible(False)
     seeds = len(result["seeds"])

@@ -31,13 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from rlhf.models.reward_model import RewardModel  # noqa: E402
 from rlhf.rl.config import PPOConfig  # noqa: E402
 from rlhf.rl.trainer import PPOTrainer  # noqa: E402
 from rlhf.task import corpus  # noqa: E402
-from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
 
 # gae_value_model: PPO with a separate value network (--value-model reward), the critic that TRL's
 # PPOTrainer and OpenRLHF train; gae alone has the value head on the policy's trunk.
@@ -47,14 +45,11 @@ PHASES = ("time/generate_s", "time/forward_s", "time/score_s", "time/update_s")
 
 
 def build(seed: int = 0):
-    tok = train_tokenizer([r.text for r in corpus.generate_reviews(5000, seed=seed)], 1024)
-    config = GPT2Config(
-        vocab_size=len(tok), n_positions=128, n_embd=128, n_layer=4, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return tok, GPT2LMHeadModel(config).eval()
+    """bench_ppo's tokenizer and random-init GPT-2, as one model to copy."""
+    from bench_ppo import build_base, fresh_lm
+
+    tok, config, state = build_base(seed)
+    return tok, fresh_lm(config, state)
 
 
 def trainer_for(method: str, tok, lm, sequences: int, response: int) -> PPOTrainer:

@@ -74,3 +74,17 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     make_tiny_lm(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def ppo_inputs(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """A reward-model folder for the tiny GPT-2 and a plain-text prompt file of PROMPTS."""
+    from rlhf.models.reward_model import RewardModel
+
+    rm_dir = tmp_path / "rm"
+    RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer).save_pretrained(
+        rm_dir
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return tiny_model_dir, rm_dir, prompts

@@ -84,17 +84,6 @@ def test_lora_reference_is_the_base_model(tiny_tokenizer):
     assert trained and all("lora_" in n or n.startswith("value_head") for n in trained)
 
 
-@pytest.fixture
-def inputs(tmp_path, tiny_tokenizer, tiny_model_dir):
-    rm_dir = tmp_path / "rm"
-    RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer).save_pretrained(
-        rm_dir
-    )
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    return tiny_model_dir, rm_dir, prompts
-
-
 def _argv(model_dir, rm_dir, prompts, out, *extra) -> list[str]:
     return [
         "ppo", "--model", str(model_dir), "--reward-model", str(rm_dir), "--prompts", str(prompts),
@@ -104,13 +93,13 @@ def _argv(model_dir, rm_dir, prompts, out, *extra) -> list[str]:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cli_lora_ppo_saves_an_adapter_and_a_merged_model(tmp_path, inputs, dtype):
+def test_cli_lora_ppo_saves_an_adapter_and_a_merged_model(tmp_path, ppo_inputs, dtype):
     """The merged model is the float32 base plus the adapter, also when training held the base
     in bf16 (what --dtype auto does on a GPU)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model_dir, rm_dir, prompts = inputs
+    model_dir, rm_dir, prompts = ppo_inputs
     out = tmp_path / "run"
     argv = _argv(model_dir, rm_dir, prompts, out, "--lora-r", "4", "--merge-lora", "--dtype", dtype)
     assert main(argv) == 0
@@ -133,9 +122,9 @@ def test_cli_lora_ppo_saves_an_adapter_and_a_merged_model(tmp_path, inputs, dtyp
     assert is_peft(policy.lm)
 
 
-def test_cli_lora_resume_matches_an_uninterrupted_run(tmp_path, inputs):
+def test_cli_lora_resume_matches_an_uninterrupted_run(tmp_path, ppo_inputs):
     """A LoRA run stopped after 2 steps and resumed to 4 logs what an uninterrupted one does."""
-    model_dir, rm_dir, prompts = inputs
+    model_dir, rm_dir, prompts = ppo_inputs
     common = dict(
         model=str(model_dir), reward_model=str(rm_dir), prompts=str(prompts), batch_size=4,
         minibatch_size=2, response_tokens=6, lr=1e-2, lora_r=4, save_every=1,
@@ -194,7 +183,7 @@ def test_lora_reward_model_on_the_policys_base_is_not_copied(
     standalone = _lora_reward_model(tiny_tokenizer, tiny_model_dir, tmp_path / "rm").eval()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    from rlhf.rl.inputs import load_run_inputs
+    from rlhf.rl.ppo_inputs import load_run_inputs
 
     cfg = PPORunConfig(
         model=str(tiny_model_dir), reward_model=str(tmp_path / "rm"), prompts=str(prompts),
@@ -256,8 +245,8 @@ def test_cli_lora_reward_training_end_to_end(tmp_path, tiny_model_dir):
         (["--lora-r", "4", "--lora-target-modules", "q_proj"], "--lora-target-modules q_proj"),
     ],
 )
-def test_bad_lora_options_are_one_line(tmp_path, inputs, capsys, argv_extra, message):
-    model_dir, rm_dir, prompts = inputs
+def test_bad_lora_options_are_one_line(tmp_path, ppo_inputs, capsys, argv_extra, message):
+    model_dir, rm_dir, prompts = ppo_inputs
     assert main(_argv(model_dir, rm_dir, prompts, tmp_path / "run", *argv_extra)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err

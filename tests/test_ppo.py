@@ -627,18 +627,6 @@ REQUIRED_METRICS = (
 )  # fmt: skip
 
 
-@pytest.fixture
-def ppo_inputs(tmp_path, tiny_tokenizer, tiny_model_dir):
-    """A reward-model folder for the tiny GPT-2 and a plain-text prompt file."""
-    rm_dir = tmp_path / "rm"
-    RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer).save_pretrained(
-        rm_dir
-    )
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    return tiny_model_dir, rm_dir, prompts
-
-
 def test_cli_ppo_smoke(tmp_path, ppo_inputs):
     from transformers import AutoModelForCausalLM
 

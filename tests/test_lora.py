@@ -183,7 +183,7 @@ def test_lora_reward_model_on_the_policys_base_is_not_copied(
     standalone = _lora_reward_model(tiny_tokenizer, tiny_model_dir, tmp_path / "rm").eval()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    from rlhf.rl.ppo_inputs import load_run_inputs
+    from rlhf.rl.inputs import load_run_inputs
 
     cfg = PPORunConfig(
         model=str(tiny_model_dir), reward_model=str(tmp_path / "rm"), prompts=str(prompts),

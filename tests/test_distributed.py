@@ -288,6 +288,47 @@ def test_killed_worker_restarts_and_finishes_with_the_same_metrics(inputs, one_p
     assert_same_metrics(metrics(out), one_process)
 
 
+def test_a_signal_to_one_worker_stops_every_worker_after_the_same_step(
+    inputs, one_process, tmp_path
+):
+    """SIGTERM (what schedulers send before a kill) reaching rank 1 alone: every worker finishes
+    the step in progress, they agree to stop there, rank 0 writes its checkpoint and says how to
+    continue, and the continued run gives the uninterrupted run's metrics. (Ctrl-C reaches
+    torchrun alone, whose workers run in sessions of their own; it passes the signal on to all.)"""
+    out = tmp_path / "run"
+    sent = []
+
+    def signal_rank_1_after_step_1(procs):
+        if not sent and (out / "checkpoints" / "step-000001" / "state.pt").is_file():
+            pid = _worker(procs[0], rank=1)
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
+                sent.append(pid)
+
+    run = torchrun("--standalone", "--nproc-per-node", "2") + ppo_args(inputs, out, "--steps", "12")
+    [(code, log)] = launch(run, during=signal_rank_1_after_step_1)
+    assert sent and code != 0, log[-3000:]
+    done = len(metrics(out))  # the step in progress at the signal finished and was logged
+    assert 2 <= done < 12, log[-3000:]
+    ours = [line for line in log.splitlines() if line.startswith("rlhf ppo:")]
+    saved = out / "checkpoints" / f"step-{done:06d}"
+    assert ours == [
+        f"rlhf ppo: interrupted after {done} of 12 steps; saved checkpoint {saved}. Continue with: "
+        "torchrun <the same torchrun options> -m rlhf "
+        + " ".join([*ppo_args(inputs, out, "--steps", "12"), "--resume"])
+    ], log[-3000:]
+    assert (saved / "state.pt").is_file()
+    # torchrun reports the stopped group with its own traceback; none comes from ours.
+    assert "/rlhf/" not in "".join(line for line in log.splitlines() if line.startswith("  File"))
+
+    [(code, log)] = launch(run + ["--resume"])
+    assert code == 0, log[-3000:]
+    assert f"resuming from {saved}" in log, log[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(12))
+    assert_same_metrics(rows[:STEPS], one_process)  # --steps does not change the first steps
+
+
 def test_two_torchrun_agents_on_one_host_train_together(inputs, one_process, tmp_path):
     """--nnodes 2 with one process each, meeting at a c10d rendezvous on localhost."""
     import socket

@@ -468,6 +468,24 @@ def test_second_ctrl_c_stops_at_once_and_the_handler_is_restored(capfd):
     assert "Ctrl-C again stops at once" in capfd.readouterr().err
 
 
+def test_sigterm_stops_after_the_step_as_ctrl_c_does(capfd):
+    # What schedulers send before they kill a job, and some torch versions' torchrun its workers.
+    from rlhf.rl.run import _GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with _GracefulStop() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "SIGTERM: stopping after this step to write a checkpoint" in capfd.readouterr().err
+    with _GracefulStop(speak=False) as stop:  # ranks other than 0 under torchrun
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+    assert capfd.readouterr().err == ""
+
+
 def test_interrupt_inside_a_step_points_to_the_last_checkpoint(
     tmp_path, folders, monkeypatch, capsys
 ):

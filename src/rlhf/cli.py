@@ -296,7 +296,11 @@ def resume_command(argv: list[str]) -> str:
         args.append("--resume")
     # Said the way it was typed: `python -m rlhf` runs rlhf/__main__.py as the main module.
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    prog = "python -m rlhf" if spec is not None and spec.name == "rlhf.__main__" else "rlhf"
+    module = spec is not None and spec.name == "rlhf.__main__"
+    prog = "python -m rlhf" if module else "rlhf"
+    # A torchrun worker cannot see torchrun's own options; say where they go.
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        prog = f"torchrun <the same torchrun options> {'-m rlhf' if module else sys.argv[0]}"
     return f"{prog} {shlex.join(args)}"
 
 

@@ -55,6 +55,10 @@ class World:
         """True when every process is done (used to keep sharded forward passes in step)."""
         return local_done
 
+    def any_process(self, flag: bool) -> bool:
+        """True when `flag` is true on any process."""
+        return flag
+
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows (equal shapes past dim 0), concatenated in rank order."""
         return tensor
@@ -116,6 +120,9 @@ class TorchWorld(World):
             return local_done
         flag = torch.tensor([0 if local_done else 1], device=self.device)
         return int(self.all_reduce_max(flag)[0]) == 0
+
+    def any_process(self, flag: bool) -> bool:
+        return int(self.all_reduce_max(torch.tensor([int(flag)], device=self.device))[0]) == 1
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         sent = tensor.contiguous()

@@ -68,38 +68,43 @@ class PromptStream:
 
 
 class _GracefulStop:
-    """Ctrl-C handling for the training loop: the first SIGINT asks the loop to stop after the step
-    in progress (so the checkpoint is of a finished update, never half of one); a second one
-    raises KeyboardInterrupt at once. Installed only in the main thread; the previous handler is
-    restored on exit."""
+    """Ctrl-C and SIGTERM handling for the training loop: the first signal asks the loop to stop
+    after the step in progress (so the checkpoint is of a finished update, never half of one); a
+    second one raises KeyboardInterrupt at once. SIGTERM is what torchrun sends its workers when
+    it is interrupted itself, and what schedulers (Slurm, Kubernetes) send before they kill a job.
+    Installed only in the main thread; the previous handlers are restored on exit."""
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._installed = False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, speak: bool = True):
+        self.requested, self.speak = False, speak
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if not self.speak:  # under torchrun, rank 0 alone
+            return
         # os.write, not print: a handler that prints while the loop is printing can raise.
         os.write(
             2,
-            b"\nCtrl-C: stopping after this step to write a checkpoint (Ctrl-C again stops at once)\n",
+            f"\n{name}: stopping after this step to write a checkpoint "
+            f"({name} again stops at once)\n".encode(),
         )
 
     def __enter__(self) -> _GracefulStop:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            previous = self._previous if self._previous is not None else signal.SIG_DFL
-            signal.signal(signal.SIGINT, previous)
-            self._installed = False
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def train_ppo(
@@ -176,7 +181,7 @@ def train_ppo(
     with (
         RunLogger(out, append=resumed) if main else Discard() as logger,
         JsonlWriter(out / "samples.jsonl", append=resumed) if main else Discard() as samples,
-        _GracefulStop() as stop,
+        _GracefulStop(speak=main) as stop,
     ):
 
         def checkpoint(done: int) -> Path:
@@ -220,7 +225,9 @@ def train_ppo(
                     saved = checkpoint(done)
                 if done == cfg.steps:
                     break
-                if stop.requested:
+                # Every process stops after the same step, or the others would wait for it
+                # in the next step's collectives (one signal may reach them a step apart).
+                if world.any_process(stop.requested):
                     saved = saved or checkpoint(done)
                     raise Interrupted(
                         f"interrupted after {done} of {cfg.steps} steps; saved checkpoint {saved}",

@@ -93,3 +93,46 @@ def test_sweep_runs_every_method_and_seed_and_resumes(tmp_path, sweep_inputs, mo
         again["methods"]["gae"]["settings"]["0.1"]["gold"]
         == methods["gae"]["settings"]["0.1"]["gold"]
     )
+    dpo_cfg = json.loads((out / "dpo" / "beta_0.1" / "seed_0" / "config.json").read_text())
+    assert dpo_cfg["eval_split"] == "train"  # gold on the prompts PPO's rollouts are scored on
+
+
+def test_sweep_runs_again_what_other_options_made(tmp_path, sweep_inputs, monkeypatch, capsys):
+    import dataclasses
+
+    import rlhf.rl.dpo
+
+    base, plan = sweep_inputs
+    plan = dataclasses.replace(plan, methods=["gae", "dpo", "best_of_n"], kl_coefs=[0.1], seeds=1)
+    out = tmp_path / "sweep"
+    frontier_sweep(plan, out=out, base=base, progress=False)
+    capsys.readouterr()
+
+    ran = []
+    real_ppo, real_dpo = frontier.train_ppo, rlhf.rl.dpo.train_dpo
+    monkeypatch.setattr(
+        frontier, "train_ppo", lambda cfg, **kw: ran.append(cfg.out) or real_ppo(cfg, **kw)
+    )
+    monkeypatch.setattr(
+        rlhf.rl.dpo, "train_dpo", lambda cfg, **kw: ran.append(cfg.out) or real_dpo(cfg, **kw)
+    )
+    bon_file = out / "best_of_n.json"
+    bon_before = bon_file.stat().st_mtime_ns
+    # A new learning rate: the RL run is made again, and says why; DPO and best-of-n, which do not
+    # use it, are read back.
+    frontier_sweep(plan, out=out, base=dataclasses.replace(base, lr=2e-3), progress=False)
+    run = out / "gae" / "kl_0.1" / "seed_0"
+    assert ran == [str(run)]
+    assert (
+        f"{run}: made with other options (--lr 0.001 -> 0.002); running it again"
+        in capsys.readouterr().out
+    )
+    assert json.loads((run / "config.json").read_text())["lr"] == 2e-3
+    assert bon_file.stat().st_mtime_ns == bon_before
+    # A new response length changes every method's samples.
+    ran.clear()
+    frontier_sweep(
+        plan, out=out, base=dataclasses.replace(base, lr=2e-3, response_tokens=5), progress=False
+    )
+    assert ran == [str(run), str(out / "dpo" / "beta_0.1" / "seed_0")]
+    assert bon_file.stat().st_mtime_ns != bon_before

@@ -52,6 +52,18 @@ def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> 
     atomic_write_json(Path(out_dir) / "config.json", payload)
 
 
+def option_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, value now) for each field of the dataclass `config` whose value differs
+    from `saved` (a config.json read back). A field `saved` lacks came after the run that wrote
+    it, which therefore ran with the field's default."""
+    changes = []
+    for f in dataclasses.fields(config):
+        old = saved.get(f.name, f.default)
+        if old is not dataclasses.MISSING and old != getattr(config, f.name):
+            changes.append((f.name, old, getattr(config, f.name)))
+    return changes
+
+
 class RunLogger:
     """Append metrics to `metrics.jsonl` and, optionally, TensorBoard.
 

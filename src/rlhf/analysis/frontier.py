@@ -8,8 +8,10 @@ R(d) = d (a - b log d) for RL (and DPO), R(d) = d (a - b d) for best-of-n.
 
 Budgets are equal: every RL step samples the same number of sequences (--sequences; the group
 methods as --sequences / k prompts x k samples), with the same learning rate and response length.
-A finished run (its summary.json or dpo_eval.json is there) is read back instead of run again, so
-an interrupted sweep resumes where it stopped.
+A finished run (its summary.json or dpo_eval.json is there, and its config.json holds the options
+this sweep would give it) is read back instead of run again, so an interrupted sweep resumes where
+it stopped; a run made with other options is made again. Every method's gold and KL are measured
+on prompts from the task's training openings (PPO's rollouts; DPO with --eval-split train).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 from ..core import check_samples_per_prompt
 from ..data import atomic_write_json, read_jsonl
 from ..errors import ConfigError
+from ..rl.checkpoint import option_flag
 from ..rl.config import GROUP_ESTIMATORS, PPORunConfig
 from ..rl.run import train_ppo
+from ..tracking import option_changes
 from .frontier_plot import LABELS, plot_methods
 from .hacking import window_means
 from .sweep import best_of_n_curve, fit_functional_form
@@ -133,8 +137,10 @@ def _rl_run(
         minibatch_size=plan.sequences, adaptive_kl=False, kl_in="auto", kl_estimator="auto",
         loss_aggregation="auto", value_model="shared",
     )  # fmt: skip
-    done = run_dir / "summary.json"
-    if not (done.is_file() and len(read_jsonl(run_dir / "metrics.jsonl")) == plan.steps):
+    resolved = dataclasses.replace(cfg)
+    resolved.resolve()  # config.json holds what "auto" stood for
+    done = (run_dir / "summary.json").is_file() and _same_options(run_dir, resolved)
+    if not (done and len(read_jsonl(run_dir / "metrics.jsonl")) == plan.steps):
         train_ppo(cfg, progress=progress, label=f"{LABELS[method]}, kl_coef {coef:g}, seed {seed}")
     rows = read_jsonl(run_dir / "metrics.jsonl")
     seconds, total = [], 0.0
@@ -159,11 +165,13 @@ def _dpo_run(
 
     run_dir = out / run_name("dpo", beta, seed)
     result_file = run_dir / "dpo_eval.json"
-    if not result_file.is_file():
-        cfg = DPOConfig(
-            out=str(run_dir), data=str(prefs), model=base.model, beta=beta, seed=seed, gold=True,
-            eval_response_tokens=base.response_tokens, cache_dir=base.cache_dir, device=base.device,
-        )  # fmt: skip
+    # Gold and KL on prompts from the training openings, as PPO's rollouts are scored.
+    cfg = DPOConfig(
+        out=str(run_dir), data=str(prefs), model=base.model, beta=beta, seed=seed, gold=True,
+        eval_split="train", eval_response_tokens=base.response_tokens, cache_dir=base.cache_dir,
+        device=base.device,
+    )  # fmt: skip
+    if not (result_file.is_file() and _same_options(run_dir, cfg)):
         train_dpo(cfg, progress=progress)
     import json
 
@@ -173,6 +181,25 @@ def _dpo_run(
         "gold": [result["reference"]["gold"], result["policy"]["gold"]],
         "seconds": [0.0, result["seconds"]],
     }
+
+
+def _same_options(run_dir: Path, cfg) -> bool:
+    """Whether the finished run in `run_dir` was made with `cfg`'s options; if not, say which
+    differ (the run is then made again, replacing it)."""
+    import json
+
+    try:
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    changes = [
+        f"{option_flag(name)} {old} -> {now}"
+        for name, old, now in option_changes(saved, cfg)
+        if name not in ("out", "device")  # where the run sits or runs does not change it
+    ]
+    if changes:
+        print(f"{run_dir}: made with other options ({', '.join(changes)}); running it again")
+    return not changes
 
 
 def _mean_curve(curves: list[dict], key: str) -> list[float]:
@@ -277,9 +304,14 @@ def _best_of_n(base: PPORunConfig, plan: SweepPlan, seeds: list[int], out: Path)
     from ..task.gold import GoldJudge
 
     cache = out / "best_of_n.json"
+    key = {
+        "seeds": seeds, "n_max": plan.bon_n_max, "prompts": plan.bon_prompts,
+        "response_tokens": base.response_tokens, "model": base.model,
+        "reward_model": base.reward_model,
+    }  # fmt: skip
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("seeds") == seeds and saved.get("n_max") == plan.bon_n_max:
+        if all(saved.get(k) == v for k, v in key.items()):
             return saved["summary"]
     lm, tokenizer = load_causal_lm(base.model), load_tokenizer(base.model)
     rm = RewardModel.from_pretrained(base.reward_model)
@@ -299,7 +331,7 @@ def _best_of_n(base: PPORunConfig, plan: SweepPlan, seeds: list[int], out: Path)
         })  # fmt: skip
     summary = _summarise(curves, float(plan.bon_n_max))
     summary["n"] = curves[0]["n"]
-    atomic_write_json(cache, {"seeds": seeds, "n_max": plan.bon_n_max, "summary": summary})
+    atomic_write_json(cache, {**key, "summary": summary})
     return summary
 
 

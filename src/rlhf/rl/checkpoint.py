@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..tracking import option_changes
 from .sharded_state import is_sharded, load_sharded, save_sharded
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -196,6 +197,10 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
     return state
 
 
+def option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _shown(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -219,16 +224,11 @@ def check_resume_options(path: str | Path, cfg) -> None:
     except (OSError, ValueError) as exc:
         raise InputError(f"{source}: cannot read ({type(exc).__name__})") from None
     differ = []
-    for f in dataclasses.fields(cfg):
-        if f.name not in saved or saved[f.name] == getattr(cfg, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        change = f"{flag} {_shown(saved[f.name])} -> {_shown(getattr(cfg, f.name))}"
-        if f.name == "steps" and saved.get("lr_schedule") == "linear":
-            differ.append(
-                f"{change} (--lr-schedule linear fixed the decay to zero at {saved[f.name]} steps)"
-            )
-        elif f.name not in RESUMABLE:
+    for name, old, now in option_changes(saved, cfg):
+        change = f"{option_flag(name)} {_shown(old)} -> {_shown(now)}"
+        if name == "steps" and saved.get("lr_schedule") == "linear":
+            differ.append(f"{change} (--lr-schedule linear fixed the decay to zero at {old} steps)")
+        elif name not in RESUMABLE:
             differ.append(change)
     if differ:
         raise ConfigError(

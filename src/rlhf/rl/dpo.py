@@ -7,8 +7,8 @@ tokens, V vocabulary.
 A pair's log-probability under a model is the sum over its response tokens (the prompt is masked
 out) of log p(token | everything before it). The reference's log-probs are computed once, up
 front. Held-out implicit-reward accuracy is measured before and after training; on the built-in
-task the trained policy is also sampled on held-out prompts and scored by the gold judge, with its
-KL to the reference measured the way PPO's `objective/kl` is (k1 summed over response tokens).
+task the trained policy is also sampled on fresh prompts (--eval-split) and scored by the gold
+judge, with its KL to the reference measured the way PPO's `objective/kl` is (k1 summed over response tokens).
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ class DPOConfig:
     response_tokens: int = 40
     """longest sampled response when generating pairs, in tokens"""
     gold: bool | None = None
-    """sample held-out prompts and score them with the gold judge (default: on for the built-in task)"""
+    """sample fresh prompts and score the responses with the gold judge (default: on for the built-in task)"""
     eval_samples: int = 256
-    """held-out prompts sampled for the gold score and the KL to the reference"""
+    """prompts sampled for the gold score and the KL to the reference"""
+    eval_split: Literal["eval", "train"] = "eval"
+    """where those prompts come from: the built-in task's held-out openings, or its training ones (what PPO's rollouts are scored on; `rlhf sweep` uses these so every method is measured on the same prompts)"""
     eval_response_tokens: int = 24
     """longest sampled response for the gold/KL evaluation (PPO's default, for the same frontier)"""
     seed: int = 0
@@ -96,6 +98,7 @@ class DPOConfig:
             (not 0 < self.eval_fraction < 1, f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}"),
             (self.label_temperature < 0, f"--label-temperature must be >= 0, got {self.label_temperature}"),
             (self.loss_type not in loss_types, f"--loss-type must be one of {', '.join(loss_types)}, got {self.loss_type!r}"),
+            (self.eval_split not in ("eval", "train"), f"--eval-split must be eval or train, got {self.eval_split!r}"),
             (not 0 <= self.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}"),
             (self.label_smoothing != 0 and self.loss_type != "sigmoid", "--label-smoothing applies to --loss-type sigmoid only"),
         ]  # fmt: skip
@@ -329,7 +332,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
                 )
         bar.close()
 
-        # 5. Held-out accuracy after training; gold and KL on fresh samples for held-out prompts.
+        # 5. Held-out accuracy after training; gold and KL on fresh samples (--eval-split prompts).
         result["after"] = implicit_reward_eval(
             policy, eval_chosen, eval_rejected, eval_ref_logps, eval_pairs, cfg, pad, device
         )
@@ -342,7 +345,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
             from ..task import corpus
             from ..task.gold import GoldJudge
 
-            prompts = corpus.prompts(cfg.eval_samples, seed=cfg.seed, split="eval")
+            prompts = corpus.prompts(cfg.eval_samples, seed=cfg.seed, split=cfg.eval_split)
             judge = GoldJudge()
             for name, lm in (("reference", ref), ("policy", policy)):
                 result[name] = sample_gold_and_kl(lm, ref, tokenizer, prompts, judge, cfg, device)

@@ -668,3 +668,34 @@ def test_cli_ppo_bad_minibatch_is_one_line_exit_2(tmp_path, ppo_inputs, capsys):
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err and "--minibatch-size" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_model_with_another_tokenizer_scores_within_its_own_positions(tiny_tokenizer):
+    """A reward model with a tokenizer of its own re-encodes prompt + response; a sequence longer
+    than its positions is scored on its last tokens (as train-reward cuts them), and one that
+    fits is scored whole: not cut to a fixed 256, and no IndexError past the position table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import TINY_TEXTS
+    from rlhf.reward.loss import encode_texts
+    from rlhf.task.tokenizer import train_tokenizer
+
+    other = train_tokenizer(TINY_TEXTS, vocab_size=262)  # about one token per character
+    config = GPT2Config(
+        vocab_size=len(other), n_positions=24, n_embd=32, n_layer=2, n_head=2,
+        eos_token_id=other.eos_token_id, pad_token_id=other.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    reward_model = RewardModel(GPT2LMHeadModel(config).eval(), tokenizer=other)
+    policy = make_tiny_lm(tiny_tokenizer, seed=0)
+    trainer = PPOTrainer(
+        policy, copy.deepcopy(policy), reward_model, tiny_tokenizer, PPOConfig(**SMALL)
+    )
+    assert not trainer.same_tokenizer
+    rollout = trainer.rollout(PROMPTS)
+    rows, cut = encode_texts(other, rollout.prompts, rollout.texts, 10**6)
+    lengths = [len(r) for r in rows]
+    assert max(lengths) > 24 and min(lengths) <= 24  # some are cut, some are whole
+    for i, ids in enumerate(rows):
+        want = reward_model(torch.tensor([ids[-24:]])).item()
+        assert rollout.scores[i].item() == pytest.approx(want, abs=1e-5), (i, len(ids))

@@ -51,6 +51,11 @@ def position_limit(directory: str | Path) -> int | None:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read ({type(exc).__name__})") from None
+    return config_position_limit(config)
+
+
+def config_position_limit(config: dict) -> int | None:
+    """`position_limit` of a model config given as a dict (`PretrainedConfig.to_dict()`)."""
     for section in (config, config.get("text_config") or {}):
         for key in ("n_positions", "max_position_embeddings"):
             if isinstance(section.get(key), int) and section[key] > 0:

@@ -14,6 +14,7 @@ Item numbers in comments refer to ../shared/reference/ppo-details.md (in the rep
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import torch
@@ -124,6 +125,12 @@ class PPOTrainer(PPOUpdate):
         self.same_tokenizer = self.reward_tokenizer is tokenizer or (
             self.reward_tokenizer.get_vocab() == tokenizer.get_vocab()
         )
+        if not self.same_tokenizer:  # it re-encodes the text: cut to its own positions
+            from ..models.loading import config_position_limit
+
+            config = getattr(reward_model.base_model, "config", None)
+            limit = config_position_limit(config.to_dict()) if config is not None else None
+            self.reward_max_length = limit or sys.maxsize
         self.gold_judge = gold_judge
         self.value_model = (
             ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
@@ -235,9 +242,10 @@ class PPOTrainer(PPOUpdate):
         if not self.same_tokenizer:
             from ..reward.loss import score_texts
 
-            return score_texts(self.reward_model, self.reward_tokenizer, prompts, texts).to(
-                self.device
-            )
+            # Longer sequences keep their last tokens, as `train-reward --max-length` cuts them.
+            return score_texts(
+                self.reward_model, self.reward_tokenizer, prompts, texts, self.reward_max_length
+            ).to(self.device)
         from ..models.reward_model import score_responses
 
         # Rows that never emitted EOS get one appended (see score_responses); train_reward fits

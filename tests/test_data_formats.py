@@ -348,6 +348,25 @@ def test_render_conversation_pairs_by_hand(chat_tokenizer) -> None:
         chat_tokenizer.chat_template = TEMPLATE
 
 
+def test_a_turn_closed_by_eos_is_trained_on_what_ppo_scores(chat_tokenizer) -> None:
+    # Templates that close a turn with the tokenizer's EOS (as Qwen's <|im_end|>): the reward
+    # model must see reply + EOS, as PPO scores a reply sampled up to its EOS, not reply + EOS +
+    # newline + a second EOS.
+    from rlhf.models.generation import render_conversation_pairs
+    from rlhf.reward.loss import encode_texts
+
+    pair = PreferencePair([user("the plot")], [bot("great")], [bot("good")], None, "f.jsonl:1")
+    chat_tokenizer.chat_template = TEMPLATE.replace("<|end|>", "{{ eos_token }}")
+    try:
+        [got] = render_conversation_pairs(chat_tokenizer, [pair], "f.jsonl")
+    finally:
+        chat_tokenizer.chat_template = TEMPLATE
+    assert (got.chosen, got.rejected) == ("great", "good")
+    [row], _ = encode_texts(chat_tokenizer, [got.prompt], [got.chosen], 1000)
+    sampled = chat_tokenizer(got.prompt + "great")["input_ids"] + [chat_tokenizer.eos_token_id]
+    assert row == sampled
+
+
 def test_render_errors_are_one_line(chat_tokenizer, tiny_model_dir) -> None:
     from rlhf.models.generation import render_conversation_pairs
     from rlhf.models.loading import load_tokenizer

@@ -110,6 +110,16 @@ def _render(tokenizer, messages: list[Message], where: str, generation_prompt: b
         raise InputError(f"{where}: the chat template refused the conversation: {reason}") from None
 
 
+def _end_at_eos(tokenizer, response: str) -> str:
+    """A rendered reply without the EOS that closes its turn (and what the template writes after
+    it, such as a newline): the reward model appends EOS itself, so it is trained on the tokens
+    PPO scores, a sampled reply up to and including its EOS. A turn closed by another marker is
+    left as it is."""
+    eos = tokenizer.eos_token
+    body = response.rstrip()
+    return body[: -len(eos)] if eos and body.endswith(eos) else response
+
+
 def render_conversation_pairs(
     tokenizer, pairs: list[PreferencePair], data: str, source: str = "the tokenizer"
 ) -> list[PreferencePair]:
@@ -128,10 +138,11 @@ def render_conversation_pairs(
         # The prompt is what all three share: a few templates write the generation prompt
         # differently when a reply follows (TRL's data_utils.apply_chat_template does the same).
         n = len(os.path.commonprefix([prompt, chosen, rejected]))
-        if chosen[n:] == rejected[n:]:
+        chosen, rejected = (_end_at_eos(tokenizer, text[n:]) for text in (chosen, rejected))
+        if chosen == rejected:
             raise InputError(f"{where}: chosen and rejected render to the same text")
         text = _drop_template_bos(tokenizer, prompt[:n])
-        out.append(PreferencePair(text, chosen[n:], rejected[n:], pair.margin, pair.source))
+        out.append(PreferencePair(text, chosen, rejected, pair.margin, pair.source))
     return out
 
 

@@ -86,7 +86,7 @@ REWARD_HELP_GROUPS = {
 OPTION_GROUP = {
     **dict.fromkeys(
         ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
-         "max_length", "chat_template", "trust_remote_code"),
+         "max_length", "chat_template", "eos_token", "trust_remote_code"),
         "inputs",
     ),
     **dict.fromkeys(("out", "sample_every", "save_every", "keep_checkpoints"), "outputs"),

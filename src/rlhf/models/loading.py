@@ -178,6 +178,59 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     return ensure_pad_token(tokenizer)
 
 
+def set_eos_token(tokenizer, token: str, source: str | Path):
+    """Make `token` (one token of the vocabulary) the tokenizer's EOS: where responses stop, what
+    scoring appends, what the reward model reads its score at (`--eos-token`). Returns the
+    tokenizer, with a padding token that is not the new EOS."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != token:
+        pieces = tokenizer.tokenize(token)
+        raise ConfigError(
+            f"--eos-token {token!r} is not one token of the tokenizer in {source}"
+            + (f" (it splits into {len(pieces)}: {pieces[:4]})" if len(pieces) > 1 else "")
+        )
+    tokenizer.eos_token = token
+    return ensure_pad_token(tokenizer)
+
+
+def apply_eos_option(tokenizer, eos_token: str | None, source: str | Path, chat: bool):
+    """`--eos-token` applied to the tokenizer of the model in `source`; without it, on a run that
+    uses the chat template (`chat`), one warning line when the template closes a reply with
+    another token than EOS, since replies would then run on past the end of their turn."""
+    if eos_token is not None:
+        return set_eos_token(tokenizer, eos_token, source)
+    marker = turn_end_token(tokenizer) if chat else None
+    if marker is not None:
+        print(
+            f"warning: the chat template in {source} closes a reply with {marker}, but replies "
+            f"stop at the tokenizer's EOS {tokenizer.eos_token} only; give --eos-token "
+            f"'{marker}' (the same to train-reward and ppo)"
+        )
+    return tokenizer
+
+
+def turn_end_token(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with, when it is not the
+    tokenizer's EOS (Gemma's <end_of_turn>, Phi-3's <|end|>): responses stop at EOS only, so such a
+    model needs `--eos-token`. None without a template, or when the turn ends in EOS."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    reply = "zq"  # a text no template writes on its own
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that refuses this conversation says nothing either way
+        return None
+    after = text[text.rfind(reply) + len(reply) :].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after else []
+    if not ids or ids[0] == tokenizer.eos_token_id:
+        return None
+    token = tokenizer.convert_ids_to_tokens(ids[0])
+    # Special, or added to the vocabulary whole (Phi-3's <|end|> is added but not "special").
+    marker = ids[0] in tokenizer.all_special_ids or token in tokenizer.get_added_vocab()
+    return token if marker else None
+
+
 def ensure_pad_token(tokenizer):
     """Give the tokenizer a padding token distinct from EOS if it has none.
 

@@ -85,6 +85,8 @@ class RewardConfig(LoraArgs):
     """allow model folders to run their own Python code (only for models you trust)"""
     chat_template: bool = False
     """wrap each text prompt in the tokenizer's chat template as a user turn (use the same with `rlhf ppo`); conversational data is always rendered with the template"""
+    eos_token: str | None = None
+    """token that ends a response, replacing the tokenizer's EOS: where sampling stops and the reward is read (a chat model whose template closes a turn with another token, such as Gemma's <end_of_turn> or Phi-3's <|end|>, needs it; give the same to train-reward, ppo and dpo)"""
 
     def validate(self) -> None:
         self.validate_lora()
@@ -171,6 +173,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     from ..models.forward import autocast
     from ..models.generation import apply_chat_template, render_conversation_pairs
     from ..models.loading import (
+        apply_eos_option,
         check_model_dir,
         load_causal_lm,
         load_tokenizer,
@@ -202,6 +205,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
         check_model_dir(cfg.model)
         cfg = _resolve_max_length(cfg, position_limit(cfg.model), cfg.model)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        apply_eos_option(tokenizer, cfg.eos_token, cfg.model, conversations or cfg.chat_template)
         if cfg.chat_template:
             apply_chat_template(tokenizer, [""], f"the tokenizer in {cfg.model}")
         if conversations:  # rendered now, so a template that refuses them fails before loading
@@ -213,6 +217,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     else:
         lm, tokenizer, base_dir = default_task(cfg.cache_dir, progress)
         cfg = _resolve_max_length(cfg, position_limit(base_dir), base_dir)
+        apply_eos_option(tokenizer, cfg.eos_token, base_dir, False)
     # Seeded after loading: pretraining the base model on a cold cache draws from the global RNG,
     # and the head's initialisation below must not depend on whether the cache was warm.
     set_seed(cfg.seed)

@@ -256,6 +256,8 @@ class PPORunConfig(PPOConfig, LoraArgs):
     """prompts longer than this keep their last tokens (with one warning)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template as a user turn (the tokenizer must have one)"""
+    eos_token: str | None = None
+    """token that ends a response, replacing the tokenizer's EOS: where sampling stops and the reward is read (a chat model whose template closes a turn with another token, such as Gemma's <end_of_turn> or Phi-3's <|end|>, needs it; give the same to train-reward, ppo and dpo)"""
     sample_every: int = 10
     """write example responses to samples.jsonl every this many steps"""
     gold: bool | None = None

@@ -82,6 +82,8 @@ class DPOConfig:
     """where the built-in base model is cached"""
     trust_remote_code: bool = False
     """allow model folders to run their own Python code (only for models you trust)"""
+    eos_token: str | None = None
+    """token that ends a response, replacing the tokenizer's EOS: where sampling stops and the reward is read (a chat model whose template closes a turn with another token, such as Gemma's <end_of_turn> or Phi-3's <|end|>, needs it; give the same to train-reward, ppo and dpo)"""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "n_pairs", "response_tokens",
@@ -228,6 +230,7 @@ def sample_gold_and_kl(
 def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     """Train a policy with DPO (or IPO), evaluate it and save it to `cfg.out`; returns dpo_eval.json."""
     from ..models.loading import (
+        apply_eos_option,
         check_model_dir,
         load_causal_lm,
         load_tokenizer,
@@ -254,6 +257,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
 
         policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
+    apply_eos_option(tokenizer, cfg.eos_token, policy_dir, False)
     policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
     match_vocab(policy, tokenizer, policy_dir)
     ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir

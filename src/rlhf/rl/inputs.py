@@ -86,6 +86,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         truncate_prompts,
     )
     from ..models.loading import (
+        apply_eos_option,
         check_model_dir,
         load_causal_lm,
         load_tokenizer,
@@ -119,6 +120,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
     conversations = isinstance(prompts[0], list)
+    apply_eos_option(tokenizer, cfg.eos_token, policy_dir, conversations or cfg.chat_template)
     if conversations:
         prompts = render_prompt_conversations(
             tokenizer, prompts, cfg.prompts, f"the tokenizer in {policy_dir}"
@@ -140,6 +142,13 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         rm_tokenizer = load_tokenizer(given, trust_remote_code=cfg.trust_remote_code)
         if rm_tokenizer.get_vocab() == tokenizer.get_vocab():  # else it re-encodes the text
             models["--reward-model"] = adapter_base(given) or given  # a LoRA adapter: its base
+            if rm_tokenizer.eos_token != tokenizer.eos_token:
+                # Scores are read at the policy's EOS, a token the reward model never ended on.
+                print(
+                    f"warning: the reward model in {given} was trained on responses ending in "
+                    f"{rm_tokenizer.eos_token}, but this run's end in {tokenizer.eos_token}; "
+                    f"give --eos-token '{rm_tokenizer.eos_token}' if that is where they end"
+                )
     check_positions(cfg, tokenizer, prompts, longest_body, models)
     # Frozen weights are loaded straight in the compute dtype (half the memory under bf16).
     frozen_dtype = compute_dtype(device, cfg.dtype)

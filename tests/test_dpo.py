@@ -215,3 +215,46 @@ def test_unknown_loss_type_is_refused_by_the_parser(capsys) -> None:
     assert info.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "argument --loss-type: invalid choice: 'hinge'" in err[0]
+
+
+def test_conversational_pairs_are_rendered_as_train_reward_renders_them(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+) -> None:
+    import shutil
+
+    import rlhf.rl.dpo as dpo
+    from rlhf.models.loading import load_tokenizer
+    from test_data_formats import TEMPLATE
+
+    model = tmp_path / "chat"
+    shutil.copytree(tiny_model_dir, model)
+    tok = load_tokenizer(model)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(model)
+    data = tmp_path / "conv.jsonl"
+    with open(data, "w") as f:
+        for subject, ending in itertools.product(SUBJECTS, ENDINGS):
+            f.write(json.dumps({
+                "prompt": [{"role": "user", "content": f"{subject} was"}],
+                "chosen": [{"role": "assistant", "content": f"great {ending}"}],
+                "rejected": [{"role": "assistant", "content": f"dull {ending}"}],
+            }) + "\n")  # fmt: skip
+    seen = []
+    real = dpo.encode_pairs
+    monkeypatch.setattr(dpo, "encode_pairs", lambda t, p, n: seen.append(p) or real(t, p, n))
+    cfg = _config(tmp_path, model, data=str(data), epochs=1)
+    result = dpo.train_dpo(cfg, progress=False)
+    assert result["after"]["n_pairs"] == 10
+    pairs = seen[0]
+    assert all(p.startswith("<|user|>\n") and p.endswith("<|assistant|>\n") for p in pairs.prompts)
+    assert all(c.startswith("great ") and c.endswith("<|end|>\n") for c in pairs.chosen)
+    # Without --model there is no template to render them with: one line, before any work.
+    cache = tmp_path / "cache"
+    args = ["dpo", "--data", str(data), "--out", str(tmp_path / "o"), "--cache-dir", str(cache)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"rlhf dpo: error: {data}: holds conversations (lists of messages), which are rendered "
+        "with a chat template, and the built-in model has none; give a chat model's folder with "
+        "--model"
+    )
+    assert not cache.exists()

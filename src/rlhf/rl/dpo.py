@@ -24,9 +24,9 @@ import torch
 
 from ..core import dpo_loss, logprobs_from_logits
 from ..data import atomic_write_json, read_preferences
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..models.forward import autocast, position_ids_from_mask
-from ..models.generation import pad_right
+from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
 from ..reward.loss import encode_texts
 from ..reward.preferences import Pairs, held_out_size, preference_pairs, split_pairs
 from ..tracking import RunLogger, progress_bar, save_config, set_seed
@@ -39,7 +39,7 @@ class DPOConfig:
     out: str = "runs/dpo"
     """output folder: policy/, config.json, metrics.jsonl, dpo_eval.json"""
     data: str | None = None
-    """preference JSONL ({prompt, response_A, response_B, preference} or {prompt, chosen, rejected}); default: generated from the built-in task as `rlhf train-reward` makes them (margins are ignored)"""
+    """preference data, in the forms and formats train-reward reads (JSONL, JSON, Parquet, a `datasets` folder; text or conversations); default: generated from the built-in task as `rlhf train-reward` makes them (margins are ignored)"""
     model: str | None = None
     """Hugging Face folder of the policy to start from (the SFT model); default: the built-in base model"""
     ref_model: str | None = None
@@ -82,6 +82,8 @@ class DPOConfig:
     """where the built-in base model is cached"""
     trust_remote_code: bool = False
     """allow model folders to run their own Python code (only for models you trust)"""
+    chat_template: bool = False
+    """wrap each text prompt in the tokenizer's chat template as a user turn (as train-reward and ppo do with it); conversational data is always rendered with the template"""
     eos_token: str | None = None
     """token that ends a response, replacing the tokenizer's EOS: where sampling stops and the reward is read (a chat model whose template closes a turn with another token, such as Gemma's <end_of_turn> or Phi-3's <|end|>, needs it; give the same to train-reward, ppo and dpo)"""
 
@@ -247,6 +249,12 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     file_pairs = read_preferences(cfg.data) if cfg.data else None
     if file_pairs is not None:
         held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
+    conversations = file_pairs is not None and file_pairs[0].is_conversation
+    if conversations and not cfg.model:
+        raise InputError(
+            f"{cfg.data}: holds conversations (lists of messages), which are rendered with a chat "
+            "template, and the built-in model has none; give a chat model's folder with --model"
+        )
     for directory in (cfg.model, cfg.ref_model):
         if directory:
             check_model_dir(directory)
@@ -257,7 +265,12 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
 
         policy_dir = base_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     tokenizer = load_tokenizer(policy_dir, trust_remote_code=cfg.trust_remote_code)
-    apply_eos_option(tokenizer, cfg.eos_token, policy_dir, False)
+    apply_eos_option(tokenizer, cfg.eos_token, policy_dir, conversations or cfg.chat_template)
+    source = f"the tokenizer in {policy_dir}"
+    if cfg.chat_template:
+        apply_chat_template(tokenizer, [""], source)  # no template: one line, before any work
+    if conversations:  # as train-reward renders them, so DPO learns on the same text
+        file_pairs = render_conversation_pairs(tokenizer, file_pairs, cfg.data, source)
     policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
     match_vocab(policy, tokenizer, policy_dir)
     ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
@@ -273,6 +286,8 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     # 2. Pairs: the user's file, or sampled from the base model and labelled by the gold judge,
     # split as `rlhf train-reward` splits them with this seed.
     pairs = preference_pairs(file_pairs, policy, tokenizer, cfg, out, progress)
+    if cfg.chat_template and not conversations:  # conversations are rendered already
+        pairs.prompts = apply_chat_template(tokenizer, pairs.prompts, source)
     eval_pairs, train_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.data)
     pad = tokenizer.pad_token_id
     chosen, rejected, n_cut = encode_pairs(tokenizer, train_pairs, cfg.max_length)

@@ -258,3 +258,58 @@ def test_conversational_pairs_are_rendered_as_train_reward_renders_them(
         "--model"
     )
     assert not cache.exists()
+
+
+def test_lora_dpo_trains_the_adapter_against_the_base_as_reference(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import rlhf.rl.dpo as dpo
+
+    seen = {}
+    real = dpo.batched_logps
+
+    def spy(model, *args):
+        seen.setdefault("ref", model)
+        return real(model, *args)
+
+    cfg = _config(tmp_path, tiny_model_dir, lora_r=8, lr=3e-2, merge_lora=True, gold=True)
+    monkeypatch.setattr(dpo, "batched_logps", spy)
+    result = train_dpo(cfg, progress=False)
+    # The reference is the policy with its adapters off: no second model, and its KL is 0.
+    assert isinstance(seen["ref"], dpo.AdaptersOff)
+    assert result["reference"]["kl"] == 0.0 and result["policy"]["kl"] > 0.01
+    assert result["before"]["ties"] == 1.0 and result["after"]["accuracy"] >= 0.9
+    out = tmp_path / "dpo"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = PeftModel.from_pretrained(base, out / "policy")  # the adapter, in PEFT's format
+    merged = AutoModelForCausalLM.from_pretrained(out / "policy-merged")
+    ids = torch.tensor([[5, 9, 17, 3, 40]])
+    with torch.no_grad():
+        want = lora(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+        # Off, the adapter leaves the base model as it was: the reference did not move.
+        with lora.disable_adapter():
+            off = lora(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    assert torch.equal(off, plain) and not torch.allclose(want, plain, atol=1e-3)
+
+
+def test_adapters_off_is_the_base_model(tiny_tokenizer) -> None:
+    from conftest import make_tiny_lm
+    from rlhf.models.lora import AdaptersOff, LoraArgs, apply_lora
+
+    base = make_tiny_lm(tiny_tokenizer, seed=0)
+    ids = torch.tensor([[5, 9, 17, 3, 40]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        peft = apply_lora(base, LoraArgs(lora_r=4))
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter: no longer a no-op
+        ref = AdaptersOff(peft)
+        assert torch.equal(ref(input_ids=ids).logits, want)
+        assert not torch.allclose(peft(input_ids=ids).logits, want, atol=1e-3)
+    assert list(ref.parameters()) == []  # nothing counted, moved or frozen twice

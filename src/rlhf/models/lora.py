@@ -26,7 +26,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass
 class LoraArgs:
-    """LoRA options shared by `rlhf ppo` and `rlhf train-reward`."""
+    """LoRA options shared by `rlhf ppo`, `rlhf train-reward` and `rlhf dpo`."""
 
     lora_r: int = 0
     """LoRA rank: train rank-r adapters on the frozen model instead of every weight (0: off, full fine-tuning); 8-64 is usual"""
@@ -167,3 +167,20 @@ def use_adapter(model: nn.Module, name: str) -> Iterator[None]:
         model.set_adapter(previous)
         for n, p in model.named_parameters():
             p.requires_grad_(trainable[n])
+
+
+class AdaptersOff(nn.Module):
+    """A LoRA model seen with its adapters switched off: the frozen base, as a reference model
+    that costs no memory. The LoRA model is held, not registered, so its parameters are not
+    counted (or moved, or frozen) twice."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._model = [model]
+
+    def get_base_model(self) -> nn.Module:  # lets `forward.unwrap` see the signature
+        return self._model[0].get_base_model()
+
+    def forward(self, *args, **kwargs):
+        with self._model[0].disable_adapter():
+            return self._model[0](*args, **kwargs)

@@ -122,26 +122,34 @@ def load_policy(
 def save_policy(
     policy: PolicyWithValueHead, tokenizer, directory: str | Path, merged: str | Path | None = None
 ) -> None:
-    """Write the policy where `load_policy` reads it; a LoRA policy as its adapter (PEFT format).
+    """Write the policy where `load_policy` reads it: its language model as `save_lm` writes it,
+    and the value head beside it."""
+    save_lm(policy.lm, tokenizer, directory, merged=merged)
+    if policy.value_head is not None:
+        policy.save_value_head(Path(directory))
 
-    With `merged`, a LoRA policy is also written there with the adapter folded into the weights,
+
+def save_lm(
+    lm: nn.Module, tokenizer, directory: str | Path, merged: str | Path | None = None
+) -> None:
+    """Write a causal LM and its tokenizer; a LoRA model as its adapter (PEFT format).
+
+    With `merged`, a LoRA model is also written there with the adapter folded into the weights,
     as a plain transformers model: the saved adapter merged, in float32, into the base model read
     again from its folder (in memory the base may be bf16, and bf16 base + update would lose the
     base's own precision).
     """
     directory = Path(directory)
-    if is_peft(policy.lm):
-        save_adapter(policy.lm, directory)
+    if is_peft(lm):
+        save_adapter(lm, directory)
         if merged is not None:
             base = load_causal_lm(check_model_dir(adapter_base(directory)), dtype=torch.float32)
             merged_lm = load_adapter(base, directory).merge_and_unload()
             merged_lm.save_pretrained(merged, safe_serialization=True)
             tokenizer.save_pretrained(merged)
     else:
-        policy.lm.save_pretrained(directory, safe_serialization=True)
+        lm.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    if policy.value_head is not None:
-        policy.save_value_head(directory)
 
 
 class ValueModel(nn.Module):

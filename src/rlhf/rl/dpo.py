@@ -27,13 +27,15 @@ from ..data import atomic_write_json, read_preferences
 from ..errors import ConfigError, InputError
 from ..models.forward import autocast, position_ids_from_mask
 from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
+from ..models.lora import AdaptersOff, LoraArgs, apply_lora
+from ..models.policy import save_lm
 from ..reward.loss import encode_texts
 from ..reward.preferences import Pairs, held_out_size, preference_pairs, split_pairs
-from ..tracking import RunLogger, progress_bar, save_config, set_seed
+from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(LoraArgs):
     """Options of `rlhf dpo`."""
 
     out: str = "runs/dpo"
@@ -84,10 +86,15 @@ class DPOConfig:
     """allow model folders to run their own Python code (only for models you trust)"""
     chat_template: bool = False
     """wrap each text prompt in the tokenizer's chat template as a user turn (as train-reward and ppo do with it); conversational data is always rendered with the template"""
+    merge_lora: bool = False
+    """with --lora-r: also write policy-merged/, the adapter folded into the weights (plain transformers loads it)"""
     eos_token: str | None = None
     """token that ends a response, replacing the tokenizer's EOS: where sampling stops and the reward is read (a chat model whose template closes a turn with another token, such as Gemma's <end_of_turn> or Phi-3's <|end|>, needs it; give the same to train-reward, ppo and dpo)"""
 
     def validate(self) -> None:
+        self.validate_lora()
+        if self.merge_lora and not self.lora_r:
+            raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")
         for name in ("epochs", "batch_size", "max_length", "n_pairs", "response_tokens",
                      "eval_response_tokens"):  # fmt: skip
             if getattr(self, name) <= 0:
@@ -273,10 +280,15 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
         file_pairs = render_conversation_pairs(tokenizer, file_pairs, cfg.data, source)
     policy = load_causal_lm(policy_dir, trust_remote_code=cfg.trust_remote_code)
     match_vocab(policy, tokenizer, policy_dir)
-    ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
-    ref = load_causal_lm(ref_dir, trust_remote_code=cfg.trust_remote_code)
-    match_vocab(ref, tokenizer, ref_dir)
-    ref.requires_grad_(False)
+    if cfg.lora_r:
+        policy = apply_lora(policy, cfg, seed=cfg.seed)
+    if cfg.lora_r and not cfg.ref_model:
+        ref = AdaptersOff(policy)  # the reference is the base: no second copy
+    else:
+        ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
+        ref = load_causal_lm(ref_dir, trust_remote_code=cfg.trust_remote_code)
+        match_vocab(ref, tokenizer, ref_dir)
+        ref.requires_grad_(False)
     set_seed(cfg.seed)  # after loading: a cold cache trains the base model and draws from the RNG
     policy.to(device)
     ref.to(device)
@@ -309,7 +321,8 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     }
 
     # 4. DPO: AdamW, linear decay, gradient clipping; dropout stays off (as loaded).
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    trained = [p for p in policy.parameters() if p.requires_grad]  # the adapters under LoRA
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
     total_steps = cfg.epochs * math.ceil(len(chosen) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -331,7 +344,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
                 loss = losses.mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(trained, 1.0)
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -371,8 +384,9 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
             gold, kl = result["policy"]["gold"], result["policy"]["kl"]
             logger.log(step, {"objective/gold": gold, "objective/kl": kl})
 
-    policy.save_pretrained(out / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(out / "policy")
+    merged = out / "policy-merged" if cfg.merge_lora else None
+    with quiet_transformers_bars():
+        save_lm(policy, tokenizer, out / "policy", merged=merged)
     result["n_train_pairs"] = len(train_pairs)
     result["steps"] = step
     result["seconds"] = round(time.perf_counter() - start, 1)

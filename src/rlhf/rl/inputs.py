@@ -38,6 +38,10 @@ def default_reward_model_dir(
         reward_fields.pop(name)
     for name in ("prompt_field", "chosen_field", "rejected_field"):
         reward_fields.pop(name)
+    # Options added since, unset: out of the key, so that earlier caches stay valid.
+    for name in ("eos_token",):
+        if reward_fields[name] is None:
+            reward_fields.pop(name)
     target = root / cache_key(
         "reward", {"reward": reward_fields, "base": dataclasses.asdict(base_cfg)}
     )

@@ -7,6 +7,7 @@ Run from the repository root (the `rlhf` package importable, e.g. `pip install -
     python benchmarks/bench_scaling.py                      # CPU: 1 and 2 processes x 1 thread
     python benchmarks/bench_scaling.py --device cuda --world-sizes 1,2,4,8   # a GPU each
     python benchmarks/bench_scaling.py --shard              # FSDP2 instead of DDP
+    python benchmarks/bench_scaling.py --shard --sharded-sampling   # FSDP2, weights never gathered whole
 
 For each world size N the script starts `torchrun --standalone --nproc-per-node N` on itself (gloo
 on the CPU, NCCL on CUDA). Every process builds the same random-init GPT-2 of the built-in task's
@@ -65,6 +66,7 @@ def worker(args) -> None:
     cfg = PPOConfig(
         steps=10**6, batch_size=B, minibatch_size=B // args.minibatches, ppo_epochs=args.epochs,
         response_tokens=args.response_tokens, lr=1e-5, kl_coef=0.05, shard=args.shard, seed=0,
+        gather_for_sampling=not args.sharded_sampling,
     )  # fmt: skip
     reward = RewardModel(lm(), tokenizer=tok).to(device)
     trainer = PPOTrainer(lm(), lm(), reward, tok, cfg, world=world)
@@ -121,7 +123,9 @@ def measure(args, world_size: int, side_by_side: bool = False) -> dict:
         "--per-rank-batch", str(args.per_rank_batch), "--response-tokens", str(args.response_tokens),
         "--epochs", str(args.epochs), "--minibatches", str(args.minibatches),
         "--steps", str(args.steps), "--warmup", str(args.warmup),
-    ] + (["--shard"] if args.shard else [])  # fmt: skip
+    ] + (["--shard"] if args.shard else []) + (
+        ["--sharded-sampling"] if args.sharded_sampling else []
+    )  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -153,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--shard", action="store_true", help="FSDP2 (--shard) instead of DDP")
     parser.add_argument(
+        "--sharded-sampling", action="store_true",
+        help="with --shard: sample with the weights kept sharded (--no-gather-for-sampling)",
+    )  # fmt: skip
+    parser.add_argument(
         "--side-by-side", action="store_true",
         help="also run N independent 1-process runs at once: the machine's own slowdown at N busy "
         "processes, without any communication",
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.device}, {args.threads} thread(s) per process, b={args.per_rank_batch} prompts "
         f"per process, R={args.response_tokens}, {args.epochs} epochs x {args.minibatches} "
         f"minibatch(es), {'FSDP2' if args.shard else 'DDP'}"
+        + (", sampling with sharded weights" if args.shard and args.sharded_sampling else "")
     )
     results = []
     for n in sizes:

@@ -230,7 +230,24 @@ def test_sharded_run_matches_one_process(sharded_run, one_process):
 def test_uneven_response_lengths_across_sharded_processes_do_not_hang(sharded_run):
     """The sharded run finished (within the timeout) although, at every step, one process's
     responses all ended after one token while the other's ran on: rows 0-1 are rank 0's."""
-    out, _ = sharded_run
+    _assert_uneven_lengths(sharded_run[0])
+
+
+def test_sampling_with_sharded_weights_matches_one_process(inputs, one_process, tmp_path):
+    """--no-gather-for-sampling: every sampled token's forward pass all-gathers the blocks, so
+    the processes stay in step until the last is done (no hang on uneven lengths), and the
+    metrics are those of one process."""
+    out = tmp_path / "run"
+    [(code, log)] = launch(
+        torchrun("--standalone", "--nproc-per-node", "2")
+        + ppo_args(inputs, out, "--shard", "--no-gather-for-sampling")
+    )
+    assert code == 0, log[-3000:]
+    assert_same_metrics(metrics(out), one_process)
+    _assert_uneven_lengths(out)
+
+
+def _assert_uneven_lengths(out: Path) -> None:
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for step in range(STEPS):
         batch = [r for r in rows if r["step"] == step]
@@ -438,3 +455,41 @@ def test_auto_resume_of_a_finished_run_writes_its_outputs_again(inputs, tmp_path
     assert (out / "metrics.jsonl").read_text() == logged
     assert (out / "policy" / "config.json").is_file()
     assert json.loads((out / "summary.json").read_text())["final"]["step"] == STEPS - 1
+
+
+def test_gathered_keeps_a_sharded_policy_whole_while_it_samples(tiny_tokenizer):
+    """Inside `TorchWorld.gathered`, the blocks the first forward pass all-gathers stay gathered
+    for the next ones (one all-gather per block for a sampled batch, not one per token), and are
+    sharded again after it; outside it, every forward pass reshards them at its end."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from rlhf.models.policy import PolicyWithValueHead
+    from rlhf.rl.distributed import TorchWorld, TrainedModules
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        world = TorchWorld(torch.device("cpu"))
+        policy = PolicyWithValueHead(make_tiny_lm(tiny_tokenizer))
+        world.parallelize(TrainedModules(policy, None), [], shard=True)
+        lm = policy.lm
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in lm.modules()
+                  if isinstance(m, FSDPModule) and m is not lm]  # fmt: skip
+        ids = torch.tensor([[5, 9, 17, 3]])
+        with torch.no_grad():
+            lm(input_ids=ids)
+            assert all(g.is_sharded for g in groups)  # resharded after each forward pass
+            with world.gathered(lm):
+                lm(input_ids=ids)
+                assert all(g.is_unsharded for g in groups)  # kept for the next token's pass
+                assert world.all_done(True)  # and no lockstep: a done process may stop
+            assert all(g.is_sharded for g in groups)
+            lm(input_ids=ids)
+            assert all(g.is_sharded for g in groups)  # as before the context
+    finally:
+        dist.destroy_process_group()

@@ -93,6 +93,8 @@ class PPOConfig:
     """seed for prompts, sampling and minibatch order"""
     shard: bool = False
     """under torchrun: shard the policy, reference, reward and value models over the processes with FSDP2, for models too big for one device (checkpoints then use torch.distributed.checkpoint)"""
+    gather_for_sampling: bool = True
+    """with --shard: gather the policy's full weights once for each rollout's sampling, instead of each block's at every sampled token (the memory of the full weights for a while; TRL's ds3_gather_for_generation does the same); --no-gather-for-sampling keeps them sharded"""
 
     def resolve(self) -> None:
         """Replace each "auto" by what it stands for with the chosen estimator (in place)."""

@@ -59,6 +59,11 @@ class World:
         """True when `flag` is true on any process."""
         return flag
 
+    def gathered(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which `module`'s sharded parameters stay gathered between forward passes
+        (for sampling); nothing to do with whole copies."""
+        return contextlib.nullcontext()
+
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's rows (equal shapes past dim 0), concatenated in rank order."""
         return tensor
@@ -102,6 +107,7 @@ class TorchWorld(World):
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(device)
         self.sharded = False
+        self._gathered = False  # inside `gathered`: sampling needs no lockstep
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
@@ -115,14 +121,38 @@ class TorchWorld(World):
 
     def all_done(self, local_done: bool) -> bool:
         # Only sharded models need the processes to run the same forward passes: with whole
-        # copies (DDP) a process that is done may stop, and the gather pads its rows.
-        if not self.sharded:
+        # copies (DDP), or gathered ones, a process that is done may stop, and the gather pads
+        # its rows.
+        if not self.sharded or self._gathered:
             return local_done
         flag = torch.tensor([0 if local_done else 1], device=self.device)
         return int(self.all_reduce_max(flag)[0]) == 0
 
     def any_process(self, flag: bool) -> bool:
         return int(self.all_reduce_max(torch.tensor([int(flag)], device=self.device))[0]) == 1
+
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module):
+        """Under FSDP2, `module`'s blocks are all-gathered by the first forward pass and kept until
+        the context ends, instead of gathered again in every forward pass: one all-gather per
+        block for a whole sampled batch rather than one per block and token. The processes then
+        need not stay in step while they sample."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not (self.sharded and isinstance(module, FSDPModule)):
+            yield
+            return
+        module.set_reshard_after_forward(False, recurse=True)
+        self._gathered = True
+        try:
+            yield
+        finally:
+            self._gathered = False
+            module.set_reshard_after_forward(True, recurse=True)
+            module.set_reshard_after_forward(False, recurse=False)  # a root's own default
+            for m in module.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         sent = tensor.contiguous()

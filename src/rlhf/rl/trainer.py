@@ -293,7 +293,12 @@ class PPOTrainer(PPOUpdate):
         t0 = time.perf_counter()
         prompt_ids, prompt_mask, _ = encode_prompts(tok, prompts, device=self.device)  # (B, P)
         P = prompt_ids.shape[1]
-        with self._autocast():
+        gathered = (
+            self.world.gathered(self.policy.lm)
+            if cfg.gather_for_sampling
+            else contextlib.nullcontext()
+        )
+        with self._autocast(), gathered:
             response = sample_responses(
                 self.policy.lm, prompt_ids, prompt_mask, cfg.response_tokens, tok.eos_token_id,
                 tok.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p,

@@ -37,7 +37,7 @@ CONFIG_FILE = "config.json"
 # unless the learning rate decays linearly over it.
 RESUMABLE = frozenset({
     "out", "resume", "steps", "sample_every", "gold", "device", "cache_dir", "trust_remote_code",
-    "save_every", "keep_checkpoints", "auto_resume",
+    "save_every", "keep_checkpoints", "auto_resume", "gather_for_sampling",
 })  # fmt: skip
 
 

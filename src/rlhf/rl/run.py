@@ -265,6 +265,10 @@ def train_ppo(
     }
     if main:
         atomic_write_json(out / "summary.json", summary)
+    # The processes leave together, none tearing its process group down while another still
+    # writes. (A rare abort at exit of a finished --shard run under gloo, "terminate called
+    # without an active exception", was seen with and without this; see tests/test_distributed.)
+    world.barrier()
     return summary
 
 

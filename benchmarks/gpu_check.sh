@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call: the test suite with CUDA visible, `rlhf demo`, a LoRA PPO run in
-# bf16, one process under torchrun with NCCL, and the memory/time benchmark at GPT-2-124M size on
-# the GPU. Run from the repository root on a CUDA machine; results go to $OUT (default
+# bf16, one process under torchrun with NCCL (DDP and --shard), DPO with LoRA, and the memory/time
+# benchmark at GPT-2-124M size on the GPU (SKIP_BENCH=1 leaves it out). Run from the repository root on a CUDA machine; results go to $OUT (default
 # /tmp/gpu-check). Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -18,9 +18,23 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/summary.txt"
 
-step "tests with CUDA visible"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
-tail -3 "$OUT/tests.txt" >> "$OUT/summary.txt"
+step "torchrun, 1 process, NCCL: DDP, and --shard sampling with gathered and with sharded weights"
+for mode in ddp shard nogather; do
+    case $mode in ddp) X="";; shard) X="--shard";; nogather) X="--shard --no-gather-for-sampling";; esac
+    timeout 120 torchrun --standalone --nproc_per_node 1 -m rlhf ppo --steps 3 --out /tmp/$mode $X 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s" | tail -2 | tee -a "$OUT/summary.txt"
+done
+python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json
+rows = {m: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/")}
+            for l in open(f"/tmp/{m}/metrics.jsonl")] for m in ("ddp", "shard", "nogather")}
+for m in ("shard", "nogather"):
+    diff = max(abs(a[k] - b[k]) for a, b in zip(rows[m], rows["ddp"]) for k in a if isinstance(a[k], float))
+    print(f"{m} vs ddp: {len(rows[m])} steps, largest metric difference {diff:.2e}")
+PY
+
+step "DPO with LoRA on the GPU"
+python3 -m rlhf dpo --lora-r 16 --merge-lora --n-pairs 1200 --out /tmp/dpo 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -4 | tee -a "$OUT/summary.txt"
 
 step "rlhf demo, cold cache"
 /usr/bin/time -f "demo wall %e s" python3 -m rlhf demo --out /tmp/demo > "$OUT/demo.txt" 2>&1
@@ -31,9 +45,11 @@ step "LoRA PPO, bf16, merged"
 python3 -m rlhf ppo --lora-r 16 --merge-lora --steps 20 --out /tmp/lora 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -6 | tee -a "$OUT/summary.txt"
 python3 -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('/tmp/lora/policy-merged'); print('merged policy loads:', type(m).__name__)" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
 
-step "torchrun, 1 process, NCCL"
-timeout 120 torchrun --standalone --nproc_per_node 1 -m rlhf ppo --steps 3 --out /tmp/ddp 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -4 | tee -a "$OUT/summary.txt"
+step "tests with CUDA visible"
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
+tail -3 "$OUT/tests.txt" >> "$OUT/summary.txt"
 
+[ -n "${SKIP_BENCH:-}" ] && { step "done"; exit 0; }
 step "memory and time at GPT-2-124M on the GPU"
 timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/bench_memory.py --device cuda --grid 8x32,32x64 \
     --json "$OUT/bench_memory_cuda.json" 2>&1 | tee "$OUT/bench_memory_cuda.txt" | tail -20

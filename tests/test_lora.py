@@ -188,6 +188,7 @@ def test_lora_reward_model_on_the_policys_base_is_not_copied(
     cfg = PPORunConfig(
         model=str(tiny_model_dir), reward_model=str(tmp_path / "rm"), prompts=str(prompts),
         lora_r=4, batch_size=4, minibatch_size=2, response_tokens=6,
+        device="cpu",  # compared with the float32 stand-alone model on the CPU
     )  # fmt: skip
     _, policy, ref, reward_model, tok = load_run_inputs(cfg, progress=False)
     assert ref is None and reward_model.base_model is policy

@@ -107,7 +107,10 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer):
         _trainer(tiny_tokenizer),
         _trainer(tiny_tokenizer, gradient_checkpointing=True),
     )
-    assert checkpointed.policy.lm.is_activation_checkpointing
+    lm = checkpointed.policy.lm
+    # transformers 5.24 renamed is_gradient_checkpointing (the name the H100 machine's 5.17 has)
+    on = getattr(lm, "is_activation_checkpointing", None)
+    assert on if on is not None else lm.is_gradient_checkpointing
     plain.step(PROMPTS)
     metrics = checkpointed.step(PROMPTS)
     assert metrics["policy/first_ratio"] == pytest.approx(1.0, abs=1e-6)  # dropout stays off

@@ -332,7 +332,8 @@ def test_a_signal_to_one_worker_stops_every_worker_after_the_same_step(
     [(code, log)] = launch(run, during=signal_rank_1_after_step_1)
     assert sent and code != 0, log[-3000:]
     done = len(metrics(out))  # the step in progress at the signal finished and was logged
-    assert 2 <= done < 12, log[-3000:]
+    # Step 0's checkpoint set the signal off; it may land before or after step 0's stop check.
+    assert 1 <= done < 12, log[-3000:]
     ours = [line for line in log.splitlines() if line.startswith("rlhf ppo:")]
     saved = out / "checkpoints" / f"step-{done:06d}"
     assert ours == [

@@ -384,11 +384,12 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_and_exit_2(inputs, tmp
     assert code != 0
     ours = [line for line in log.splitlines() if line.startswith("rlhf ppo:")]
     assert len(ours) == 1 and str(missing) in ours[0], log[-3000:]
-    # torchrun's own report: rank 0 exited with code 2, and rank 1 too, unless torchrun stopped
-    # it first (it ends the group as soon as one process fails); no traceback came from ours.
+    # torchrun's own report: the processes exited with code 2, but for one that torchrun stopped
+    # with SIGTERM first (it ends the group as soon as one process fails: rank 0, after printing
+    # the line, or rank 1, which has none to print); no traceback came from ours.
     report = log[log.index("Failures:") :]
-    exits = re.findall(r"rank\s+: (\d) \(local_rank: \d\)\s+exitcode\s+: (-?\d+)", report)
-    assert dict(exits)["0"] == "2" and dict(exits).get("1", "2") in ("2", "-15"), report
+    exits = dict(re.findall(r"rank\s+: (\d) \(local_rank: \d\)\s+exitcode\s+: (-?\d+)", report))
+    assert "2" in exits.values() and set(exits.values()) <= {"2", "-15"}, report
     assert "/rlhf/" not in "".join(line for line in log.splitlines() if line.startswith("  File"))
     assert not out.exists()
 

@@ -204,7 +204,7 @@ def apply_eos_option(tokenizer, eos_token: str | None, source: str | Path, chat:
         print(
             f"warning: the chat template in {source} closes a reply with {marker}, but replies "
             f"stop at the tokenizer's EOS {tokenizer.eos_token} only; give --eos-token "
-            f"'{marker}' (the same to train-reward and ppo)"
+            f"'{marker}' (the same to train-reward, ppo and dpo)"
         )
     return tokenizer
 

@@ -70,9 +70,10 @@ class PromptStream:
 class _GracefulStop:
     """Ctrl-C and SIGTERM handling for the training loop: the first signal asks the loop to stop
     after the step in progress (so the checkpoint is of a finished update, never half of one); a
-    second one raises KeyboardInterrupt at once. SIGTERM is what torchrun sends its workers when
-    it is interrupted itself, and what schedulers (Slurm, Kubernetes) send before they kill a job.
-    Installed only in the main thread; the previous handlers are restored on exit."""
+    second one raises KeyboardInterrupt at once. SIGTERM is what schedulers (Slurm, Kubernetes)
+    send before they kill a job, and what some torch versions' torchrun sends its workers when it
+    is interrupted (2.13's passes Ctrl-C on as SIGINT). Installed only in the main thread; the
+    previous handlers are restored on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

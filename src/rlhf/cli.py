@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .analysis.frontier import SweepConfig
 from .cli_options import (
+    DPO_HELP_GROUPS,
     EXAMPLES,
     PPO_EXAMPLES,
     PPO_HELP_GROUPS,
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
             "the reference on fresh samples) to --out."
         ),
     )
-    add_config_arguments(dpo, DPOConfig)
+    add_config_arguments(dpo, DPOConfig, groups=DPO_HELP_GROUPS)
 
     plot = sub.add_parser(
         "plot",

@@ -83,23 +83,36 @@ REWARD_HELP_GROUPS = {
     "training": "the Bradley-Terry training",
     "run": "seed, device and cache",
 }
+DPO_HELP_GROUPS = {
+    "inputs": "the preference data and the policy to start from (default: the built-in task)",
+    "outputs": "what is written to --out",
+    "preference data": "generating pairs on the built-in task (with no --data)",
+    "training": "the DPO (or IPO) loss and its optimisation",
+    "evaluation": "held-out pairs, and gold and KL on fresh samples (built-in task)",
+    "run": "seed, device and cache",
+}
 OPTION_GROUP = {
     **dict.fromkeys(
         ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
          "max_length", "chat_template", "eos_token", "trust_remote_code"),
         "inputs",
     ),
-    **dict.fromkeys(("out", "sample_every", "save_every", "keep_checkpoints"), "outputs"),
+    **dict.fromkeys(
+        ("out", "sample_every", "save_every", "keep_checkpoints", "merge_lora"), "outputs"
+    ),
     **dict.fromkeys(("temperature", "top_k", "top_p"), "generation"),
     "response_tokens": ("generation", "preference data"),  # train-reward samples pairs with it
     **dict.fromkeys(("seed", "device", "cache_dir", "resume", "gold"), "run"),
     **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
 }  # fmt: skip
 OPTION_GROUP_BY_PREFIX = {
+    ("eval_",): ("evaluation",),
     ("kl_", "adaptive_kl", "target_kl"): ("KL penalty",),
     ("lora", "micro_batch", "grad_accum", "gradient_accumulation"): ("PPO", "training"),
 }
-OPTION_GROUP_BY_CLASS = {"PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training"}
+OPTION_GROUP_BY_CLASS = {
+    "PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training", "DPOConfig": "training",
+}  # fmt: skip
 
 
 @cache

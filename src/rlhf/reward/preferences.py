@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data import PreferencePair
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..tracking import progress_bar, quiet_transformers_bars
 
 SAMPLE_BATCH = 256  # texts per sampling call (two per pair)
@@ -161,6 +161,18 @@ def label_ceiling(pairs: Pairs) -> float | None:
         return None
     decided = [(c, r) for c, r in zip(pairs.gold_chosen, pairs.gold_rejected) if c != r]
     return sum(c > r for c, r in decided) / max(1, len(decided))
+
+
+def holds_conversations(file_pairs: list[PreferencePair] | None, data, model) -> bool:
+    """Whether the pairs read from `data` are conversations; they need a `model` folder whose
+    tokenizer has the chat template that renders them (the built-in model has none)."""
+    conversations = file_pairs is not None and file_pairs[0].is_conversation
+    if conversations and not model:
+        raise InputError(
+            f"{data}: holds conversations (lists of messages), which are rendered with a chat "
+            "template, and the built-in model has none; give a chat model's folder with --model"
+        )
+    return conversations
 
 
 def held_out_size(n_pairs: int, eval_fraction: float, source) -> int:

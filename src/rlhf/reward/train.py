@@ -20,7 +20,7 @@ import torch
 
 from ..core import bradley_terry_loss
 from ..data import atomic_write_json, read_preferences
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..models.generation import pad_right
 from ..models.lora import LoraArgs, apply_lora
 from ..models.reward_model import RewardModel
@@ -29,6 +29,7 @@ from .loss import encode_texts, evaluate_reward_model
 from .preferences import (
     default_task,
     held_out_size,
+    holds_conversations,
     label_ceiling,
     preference_pairs,
     split_pairs,
@@ -195,12 +196,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
             rejected_field=cfg.rejected_field,
         )  # fmt: skip
         held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
-    conversations = file_pairs is not None and file_pairs[0].is_conversation
-    if conversations and not cfg.model:
-        raise InputError(
-            f"{cfg.data}: holds conversations (lists of messages), which are rendered with a chat "
-            "template, and the built-in model has none; give a chat model's folder with --model"
-        )
+    conversations = holds_conversations(file_pairs, cfg.data, cfg.model)
     if cfg.model:
         check_model_dir(cfg.model)
         cfg = _resolve_max_length(cfg, position_limit(cfg.model), cfg.model)

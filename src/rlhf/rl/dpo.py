@@ -24,13 +24,19 @@ import torch
 
 from ..core import dpo_loss, logprobs_from_logits
 from ..data import atomic_write_json, read_preferences
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..models.forward import autocast, position_ids_from_mask
 from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
 from ..models.lora import AdaptersOff, LoraArgs, apply_lora
 from ..models.policy import save_lm
 from ..reward.loss import encode_texts
-from ..reward.preferences import Pairs, held_out_size, preference_pairs, split_pairs
+from ..reward.preferences import (
+    Pairs,
+    held_out_size,
+    holds_conversations,
+    preference_pairs,
+    split_pairs,
+)
 from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
 
 
@@ -256,12 +262,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     file_pairs = read_preferences(cfg.data) if cfg.data else None
     if file_pairs is not None:
         held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
-    conversations = file_pairs is not None and file_pairs[0].is_conversation
-    if conversations and not cfg.model:
-        raise InputError(
-            f"{cfg.data}: holds conversations (lists of messages), which are rendered with a chat "
-            "template, and the built-in model has none; give a chat model's folder with --model"
-        )
+    conversations = holds_conversations(file_pairs, cfg.data, cfg.model)
     for directory in (cfg.model, cfg.ref_model):
         if directory:
             check_model_dir(directory)

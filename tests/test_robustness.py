@@ -455,31 +455,30 @@ def test_resume_with_linear_decay_refuses_a_new_step_count(tmp_path, folders, ca
     assert "(step 2)" in capsys.readouterr().out
 
 
-def test_second_ctrl_c_stops_at_once_and_the_handler_is_restored(capfd):
+# SIGTERM is what schedulers send before they kill a job, and some torch versions' torchrun its
+# workers: it stops after the step as Ctrl-C does.
+@pytest.mark.parametrize(
+    "sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")], ids=["ctrl-c", "sigterm"]
+)
+def test_a_second_signal_stops_at_once_and_the_handler_is_restored(capfd, sig, name):
     from rlhf.rl.run import _GracefulStop
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(sig)
     with _GracefulStop() as stop:
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(sig)
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
-    assert "Ctrl-C again stops at once" in capfd.readouterr().err
+            signal.raise_signal(sig)
+    assert signal.getsignal(sig) is before
+    assert (
+        f"{name}: stopping after this step to write a checkpoint ({name} again stops at once)"
+        in capfd.readouterr().err
+    )
 
 
-def test_sigterm_stops_after_the_step_as_ctrl_c_does(capfd):
-    # What schedulers send before they kill a job, and some torch versions' torchrun its workers.
+def test_only_rank_0_says_it_stops(capfd):
     from rlhf.rl.run import _GracefulStop
 
-    before = signal.getsignal(signal.SIGTERM)
-    with _GracefulStop() as stop:
-        signal.raise_signal(signal.SIGTERM)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is before
-    assert "SIGTERM: stopping after this step to write a checkpoint" in capfd.readouterr().err
     with _GracefulStop(speak=False) as stop:  # ranks other than 0 under torchrun
         signal.raise_signal(signal.SIGINT)
         assert stop.requested

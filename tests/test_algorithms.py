@@ -109,9 +109,9 @@ def test_loss_aggregation_follows_the_paper(tiny_tokenizer, estimator, mode, mon
     seen = []
     original = trainer._micro_loss
 
-    def spy(b, idx, w, response):
+    def spy(b, idx, w, response, tw):
         seen.append((b.response_mask[idx], w))
-        return original(b, idx, w, response)
+        return original(b, idx, w, response, tw)
 
     trainer._micro_loss = spy
     trainer.step(PROMPTS)

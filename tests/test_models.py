@@ -161,7 +161,7 @@ def test_value_model_from_the_reward_model_starts_at_the_normalised_reward(tiny_
     ids, mask = _pad(rows, tiny_tokenizer.pad_token_id, side)
     with torch.no_grad():
         rewards = rm(ids, mask)  # (B,)
-        value_model = ValueModel(rm).eval()
+        value_model = ValueModel.from_reward_model(rm).eval()
         values = value_model(ids, mask)  # (B, T)
         after = rm(ids, mask)  # (B,)
     last = last_token_index(mask)  # (B,)

@@ -72,10 +72,10 @@ def test_a_wrong_normalisation_would_show(tiny_tokenizer):
 
     original = naive._micro_loss
 
-    def per_micro_mean(b, idx, w, response):  # each micro-batch's own token-mean, / 4 of them
+    def per_micro_mean(b, idx, w, response, tw):  # each micro-batch's own token-mean, / 4 of them
         mask = b.response_mask[idx]  # (1, R)
         micro_per_minibatch = naive.config.minibatch_size // naive.config.micro_batch_size
-        return original(b, idx, mask / mask.sum() / micro_per_minibatch, response)
+        return original(b, idx, mask / mask.sum() / micro_per_minibatch, response, tw)
 
     naive._micro_loss = per_micro_mean
     whole.step(PROMPTS)
@@ -118,11 +118,22 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer):
     assert not checkpointed.policy.training  # back in eval mode for the next rollout
 
 
-def test_bfloat16_keeps_frozen_weights_in_bf16_and_trained_ones_in_float32(tiny_tokenizer):
-    trainer = _trainer(tiny_tokenizer, dtype="bfloat16")
-    assert {p.dtype for p in trainer.ref_model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in trainer.reward_model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+@pytest.mark.parametrize("value_model", ["shared", "reward"])
+def test_bfloat16_halves_frozen_matmuls_keeps_the_reference_exact_and_trains_in_float32(
+    tiny_tokenizer, value_model
+):
+    """bf16: the frozen linear layers are stored in bf16, the rest of the frozen models in fp32;
+    the reference, a copy of the policy, gives the policy's log-probs (KL 0 at step 0); every
+    parameter the optimizer holds is float32, the separate critic's too. tests/test_precision.py
+    has the rest."""
+    trainer = _trainer(tiny_tokenizer, dtype="bfloat16", value_model=value_model)
+    for model in (trainer.ref_model, trainer.reward_model):
+        dtypes = {p.dtype for p in model.parameters()}
+        assert dtypes == {torch.bfloat16, torch.float32}, dtypes
+    trained = {p.dtype for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {torch.float32}
+    b = trainer.rollout(PROMPTS)
+    assert torch.equal(b.logprobs * b.response_mask, b.ref_logprobs * b.response_mask)
     metrics = trainer.step(PROMPTS)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values() if isinstance(v, float))
 

@@ -100,10 +100,10 @@ def rloo_advantages(scores: Tensor, k: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024): each score minus the mean of the other k - 1 of its prompt.
 
     (B,) -> (B,). Computed as k / (k - 1) * (score - group mean), which is the same number
-    (sum of the others = k * mean - score) without subtracting two large sums.
+    (sum of the others = k * mean - score) without subtracting two large sums. A group of equal
+    scores gets exactly 0 (`_centred`).
     """
-    grouped = _grouped(scores, k, "rloo")  # (G, k)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, k)
+    centred = _centred(_grouped(scores, k, "rloo"))  # (G, k)
     return (centred * (k / (k - 1))).reshape(-1)  # (B,)
 
 
@@ -114,11 +114,24 @@ def group_normalised_advantages(
 
     The std is the unbiased (Bessel-corrected, divide by k - 1) one, as in TRL's GRPOTrainer
     (`nanstd`), verl's `compute_grpo_outcome_advantage` and OpenRLHF's `group_norm` (`torch.std`);
-    the paper does not say. eps = 1e-6 is verl's (TRL 1e-4): a group of equal scores gets 0.
+    the paper does not say. eps = 1e-6 is verl's (TRL 1e-4). A group of equal scores gets exactly
+    0, in any dtype (`_centred`).
     `scale_by_std=False` is Dr. GRPO (Liu et al. 2025): the score minus the group mean only.
     """
-    grouped = _grouped(scores, k, "grpo" if scale_by_std else "dr_grpo")  # (G, k)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (G, k)
+    centred = _centred(_grouped(scores, k, "grpo" if scale_by_std else "dr_grpo"))  # (G, k)
     if scale_by_std:
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)  # (G, k)
+        # The std of the centred scores is the std of the scores (shift-invariant).
+        centred = centred / (centred.std(dim=1, keepdim=True) + eps)  # (G, k)
     return centred.reshape(-1)  # (B,)
+
+
+def _centred(grouped: Tensor) -> Tensor:
+    """Each score minus its group's mean, (G, k) -> (G, k), exactly 0 for a group of equal scores.
+
+    The group's first score is subtracted before the mean is taken: the result is the same
+    number, but a group of equal scores is then all exact zeros, whose mean and std are exactly 0.
+    Averaging the raw scores instead rounds (five float32 copies of 123.456 average to a value
+    one ulp away), and GRPO's division by a std of ~1e-5 turns that ulp into |A| = 0.8.
+    """
+    shifted = grouped - grouped[:, :1]  # (G, k)
+    return shifted - shifted.mean(dim=1, keepdim=True)  # (G, k)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -139,17 +141,81 @@ def autocast(device: torch.device, dtype: torch.dtype | None = None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Store the parameters that are not trained (and floating buffers) in `dtype`.
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get_head = getattr(unwrap(model), "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
 
-    Frozen weights (the reference, the reward model, a LoRA policy's base) only run forward passes,
-    so they are kept in the compute dtype (half the memory under bf16); trained parameters stay
-    float32, the master copy the optimizer updates.
+
+def _matmul_layers(model: nn.Module, keep_head: bool = True) -> list[nn.Module]:
+    """The layers whose forward autocast runs in the low-precision dtype anyway: nn.Linear and
+    transformers' Conv1D (GPT-2's addmm), leaving out every layer whose weight is shared with an
+    embedding (GPT-2 ties its LM head to the token embeddings) and, with `keep_head`, the output
+    head."""
+    head = _output_head(model) if keep_head else None
+    embedded = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    layers = []
+    for module in model.modules():
+        if module is head or not (
+            isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        ):
+            continue
+        if any(id(p) in embedded for p in module.parameters(recurse=False)):
+            continue
+        layers.append(module)
+    return layers
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype, keep_head: bool = True) -> nn.Module:
+    """Store the frozen weights of the matrix-multiply layers in `dtype`; leave the rest as is.
+
+    Under autocast a linear layer computes in the low dtype whatever its weight is stored in: an
+    fp32 weight is rounded to bf16 for the product, exactly as storing it in bf16 rounds it. So
+    these weights can be kept in bf16 (half the memory: they are nearly all of a model) without
+    changing what the model computes. Embeddings, norms and the output head are different:
+    autocast does not round them, so an fp32 model keeps its embeddings, its residual stream and
+    its norms in fp32. They stay in fp32 here too, so that a frozen reference computes exactly
+    what the fp32 policy it was copied from computes (KL 0 at step 0, to the last bit); verl keeps
+    actor and reference in one compute dtype for the same reason. Trained parameters are never
+    cast. `keep_head=False` casts an untied output head too (a reward model's trunk, whose LM
+    head is never run).
     """
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+    if dtype == torch.float32:
+        return model
+    for module in _matmul_layers(model, keep_head):
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     return model
+
+
+def float32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` computed in float32 with autocast off: the heads whose outputs PPO reads
+    directly (LM logits before the log-softmax, values, rewards) keep float32's 24-bit mantissa
+    instead of bf16's 8 (MiniMax-M1, 2025, traced train/inference log-prob gaps to the LM head's
+    precision and runs it in fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        weight = layer.weight if layer.weight.dtype == torch.float32 else layer.weight.float()
+        bias = layer.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        return F.linear(x.float(), weight, bias)
+
+
+def _float32_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return float32_linear(self, x)
+
+
+def float32_lm_head(model: nn.Module) -> bool:
+    """Make the model's output head (an nn.Linear) run in float32 under autocast; returns whether
+    it did. The instance's forward is replaced, so generation, `logits_to_keep` and wrappers (PEFT,
+    DDP, FSDP2) all go through it, and a deep copy keeps it."""
+    head = _output_head(model)
+    if not isinstance(head, nn.Linear):
+        return False
+    head.forward = types.MethodType(_float32_forward, head)
+    return True
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

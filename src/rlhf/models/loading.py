@@ -94,7 +94,12 @@ def _check_causal(model: nn.Module, path: Path) -> None:
 def load_causal_lm(
     directory: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None
 ) -> nn.Module:
-    """A causal LM from a local folder, weights from safetensors only, dropout off."""
+    """A causal LM from a local folder, weights from safetensors only, dropout off.
+
+    The weights are float32 unless `dtype` says otherwise, whatever dtype the folder stores them
+    in (transformers 5 would keep a bf16 checkpoint in bf16, and a trained bf16 weight loses
+    small updates: AdamW's steps round away).
+    """
     # Imported here: transformers takes a second to import and the CLI's --help should not wait.
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -129,7 +134,7 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
             local_files_only=True,
             use_safetensors=True,
-            dtype=dtype,
+            dtype=dtype or torch.float32,
             output_loading_info=True,
         )
     except ValueError as exc:

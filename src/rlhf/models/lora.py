@@ -33,7 +33,7 @@ class LoraArgs:
     lora_alpha: float = 16.0
     """LoRA scaling numerator: the adapter's update is multiplied by alpha / r"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' input while training the reward model (PPO runs with dropout off, ppo-details 2)"""
+    """dropout on the adapters' input while training (train-reward, dpo; PPO refuses it: it runs with dropout off, ppo-details 2)"""
     lora_target_modules: str = "all-linear"
     """comma-separated names of the layers that get adapters (e.g. q_proj,v_proj or c_attn), or all-linear: every linear layer but the output head"""
 
@@ -69,7 +69,9 @@ def apply_lora(
     """Wrap a causal LM with fresh, trainable LoRA adapters; the base weights are frozen.
 
     The adapters start as an exact no-op (B = 0), so the wrapped model computes what `lm` did.
-    A's random initialisation is drawn from `seed`, leaving the global random state alone.
+    A's random initialisation is drawn from `seed`, leaving the global random state alone. The
+    model stays in the mode `lm` was in (PEFT's `get_peft_model` switches it to training mode,
+    which would turn on the base model's dropout and the adapters' in every later pass).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -86,7 +88,7 @@ def apply_lora(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return get_peft_model(lm, config, adapter_name=adapter_name)
+            return get_peft_model(lm, config, adapter_name=adapter_name).train(lm.training)
     except ValueError as exc:  # no layer matched --lora-target-modules
         layers = sorted(
             {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
@@ -184,3 +186,18 @@ class AdaptersOff(nn.Module):
     def forward(self, *args, **kwargs):
         with self._model[0].disable_adapter():
             return self._model[0](*args, **kwargs)
+
+
+def adapter_dropout(model: nn.Module, on: bool) -> int:
+    """Switch the dropout on the adapters' input (`--lora-dropout`) on or off, leaving every
+    other module in the mode it is in (the base model's own dropout stays off); returns how many
+    adapter dropouts there are. PEFT keeps them in each LoRA layer's `lora_dropout`."""
+    count = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for dropout in dropouts.values():
+                if isinstance(dropout, nn.Dropout):
+                    dropout.train(on)
+                    count += 1
+    return count

@@ -19,6 +19,7 @@ from .forward import (
     accepts_kwarg,
     device_of,
     final_hidden_states,
+    float32_linear,
     hidden_size_of,
     position_ids_from_mask,
 )
@@ -64,7 +65,7 @@ class PolicyWithValueHead(nn.Module):
         else:
             out = self.lm(**kwargs, output_hidden_states=True)
             hidden = out.hidden_states[-1]  # (B, T, H)
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, T)
+            values = float32_linear(self.value_head, hidden).squeeze(-1)  # (B, T), float32
         logits = out.logits if not logits_to_keep else out.logits[:, -logits_to_keep:]
         return logits, values
 
@@ -80,18 +81,23 @@ class PolicyWithValueHead(nn.Module):
         """Read the value head written by `save_value_head` (safetensors) into this policy."""
         path = Path(directory) / VALUE_HEAD_FILE
         if not path.is_file():
-            raise InputError(
-                f"{path}: no value head here (`rlhf ppo` writes it beside the policy; a critic-free run has none: load_policy(folder, value_head=False))"
-            )
-        tensors = load_safetensors(path)
-        if tensors["weight"].shape != self.value_head.weight.shape:
-            raise InputError(
-                f"{path}: value head shape {tuple(tensors['weight'].shape)} does not match the "
-                f"model's hidden size {self.value_head.in_features}"
-            )
-        with torch.no_grad():
-            self.value_head.weight.copy_(tensors["weight"])
-            self.value_head.bias.copy_(tensors["bias"])
+            raise _no_value_head(directory)
+        _read_head(self.value_head, path, "the model's hidden size")
+
+
+def _no_value_head(directory: str | Path) -> InputError:
+    """What to say when a policy folder has no `value_head.safetensors`."""
+    directory = Path(directory)
+    if (directory / VALUE_MODEL_DIR / VALUE_HEAD_FILE).is_file():
+        return InputError(
+            f"{directory}: this policy was trained with a separate value network (--value-model "
+            "reward), not a value head on its trunk: load it with load_policy(folder, "
+            "value_head=False) and the critic with load_value_model(folder)"
+        )
+    return InputError(
+        f"{directory / VALUE_HEAD_FILE}: no value head here (`rlhf ppo` writes it beside the "
+        "policy; a critic-free run has none: load_policy(folder, value_head=False))"
+    )
 
 
 def load_policy(
@@ -105,8 +111,11 @@ def load_policy(
     The LM alone loads with `AutoModelForCausalLM.from_pretrained`; the tokenizer beside it with
     `AutoTokenizer.from_pretrained` (or `rlhf.models.load_tokenizer`). A LoRA policy's folder holds
     its adapter: the base model it names is loaded and the adapter put on it. A critic-free run
-    (rloo, grpo, dr_grpo, reinforce_pp) saves no value head: load it with `value_head=False`.
+    (rloo, grpo, dr_grpo, reinforce_pp) saves no value head: load it with `value_head=False`; nor
+    does a `--value-model reward` run, whose critic `load_value_model` reads.
     """
+    if value_head and not (Path(directory) / VALUE_HEAD_FILE).is_file():
+        raise _no_value_head(directory)  # before any weights are read
     base_dir = adapter_base(directory)
     if base_dir is None:
         lm = load_causal_lm(directory, trust_remote_code=trust_remote_code)
@@ -120,13 +129,19 @@ def load_policy(
 
 
 def save_policy(
-    policy: PolicyWithValueHead, tokenizer, directory: str | Path, merged: str | Path | None = None
+    policy: PolicyWithValueHead,
+    tokenizer,
+    directory: str | Path,
+    merged: str | Path | None = None,
+    value_model: ValueModel | None = None,
 ) -> None:
     """Write the policy where `load_policy` reads it: its language model as `save_lm` writes it,
-    and the value head beside it."""
+    and the value head beside it, or the separate value network in `value_model/`."""
     save_lm(policy.lm, tokenizer, directory, merged=merged)
     if policy.value_head is not None:
         policy.save_value_head(Path(directory))
+    if value_model is not None:
+        save_value_model(value_model, directory)
 
 
 def save_lm(
@@ -153,25 +168,97 @@ def save_lm(
 
 
 class ValueModel(nn.Module):
-    """A separate value network: a copy of the reward model's trunk and head, read at every token.
+    """A separate value network: a causal LM's trunk with a scalar head read at every token.
 
-    The reward model's normalisation (`reward = gain * head(h) + bias`) is folded into the copied
-    head, so at the start the value at a sequence's last token is the normalised reward PPO trains
-    on, on the scale of the returns.
+    `ValueModel.from_reward_model` starts it as a copy of the reward model's trunk and head (the
+    critic TRL's PPOTrainer and OpenRLHF train), with the reward's normalisation (`reward = gain *
+    head(h) + bias`) folded into the head, so at the start the value at a sequence's last token is
+    the normalised reward PPO trains on, on the scale of the returns. It is saved beside the policy
+    (`save_value_model`, in `policy/value_model/`) and read back with `load_value_model`.
     """
 
-    def __init__(self, reward_model: RewardModel):
+    def __init__(self, lm: nn.Module, value_head: nn.Linear):
         super().__init__()
-        self.lm = copy.deepcopy(reward_model.base_model)
-        self.value_head = copy.deepcopy(reward_model.reward_head)
+        self.lm = lm
+        self.value_head = value_head
+
+    @classmethod
+    def from_reward_model(cls, reward_model: RewardModel) -> ValueModel:
+        """A trainable float32 copy of the reward model's trunk and normalised head (a LoRA
+        reward model's adapter is merged into its copy, so the whole network is trained)."""
+        lm = copy.deepcopy(reward_model.base_model)
+        if is_peft(lm):
+            lm = lm.merge_and_unload()
+        head = copy.deepcopy(reward_model.reward_head).float()
         with torch.no_grad():
-            gain = reward_model.reward_gain.to(self.value_head.weight.dtype)
-            offset = reward_model.reward_bias.to(self.value_head.bias.dtype)
-            self.value_head.weight.mul_(gain)
-            self.value_head.bias.mul_(gain).add_(offset)
-        for p in self.parameters():
+            gain = reward_model.reward_gain.float()
+            head.weight.mul_(gain)
+            head.bias.mul_(gain).add_(reward_model.reward_bias.float())
+        model = cls(lm, head).float()  # the optimizer's master weights (never bf16)
+        model.eval()  # dropout off (ppo-details 2)
+        for p in model.parameters():
             p.requires_grad_(True)
+        return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = final_hidden_states(self.lm, input_ids, attention_mask)  # (B, T, H)
-        return self.value_head(hidden).squeeze(-1)  # (B, T)
+        return float32_linear(self.value_head, hidden).squeeze(-1)  # (B, T), float32
+
+
+VALUE_MODEL_DIR = "value_model"
+
+
+def save_value_model(
+    value_model: ValueModel,
+    directory: str | Path,
+    lm_state: dict | None = None,
+    head_state: dict | None = None,
+) -> None:
+    """Write the trained critic into `directory/value_model/`: its trunk as a Hugging Face folder
+    and its head as `value_head.safetensors`. `lm_state` and `head_state` are full state dicts
+    gathered from a sharded run (else the modules' own weights are written)."""
+    folder = Path(directory) / VALUE_MODEL_DIR
+    value_model.lm.save_pretrained(folder, state_dict=lm_state, safe_serialization=True)
+    head = head_state or value_model.value_head.state_dict()
+    tensors = {name: head[name].detach().float().contiguous().cpu() for name in ("weight", "bias")}
+    with atomic_write(folder / VALUE_HEAD_FILE) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_value_model(directory: str | Path, trust_remote_code: bool = False) -> ValueModel:
+    """The separate critic a `--value-model reward` run saved beside its policy (float32,
+    trainable): `load_value_model("runs/x/policy")`."""
+    folder = Path(directory) / VALUE_MODEL_DIR
+    if not (folder / VALUE_HEAD_FILE).is_file():
+        kind = (
+            "its value head is on the policy's trunk: load_policy(folder)"
+            if (Path(directory) / VALUE_HEAD_FILE).is_file()
+            else "it has no value function (a critic-free run)"
+        )
+        raise InputError(
+            f"{folder}: no separate value model here (written by `rlhf ppo --value-model "
+            f"reward`); {kind}"
+        )
+    lm = load_causal_lm(folder, trust_remote_code=trust_remote_code)
+    head = nn.Linear(hidden_size_of(lm), 1)
+    _read_head(head, folder / VALUE_HEAD_FILE, "the value model's hidden size")
+    model = ValueModel(lm, head).float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _read_head(head: nn.Linear, path: Path, what: str) -> None:
+    """Copy a (1, H) head saved with safetensors into `head`; a shape that does not fit the model
+    is an `InputError` naming the file."""
+    tensors = load_safetensors(path)
+    if "weight" not in tensors or "bias" not in tensors:
+        raise InputError(f"{path}: not a value head (it needs 'weight' and 'bias')")
+    if tensors["weight"].shape != head.weight.shape or tensors["bias"].shape != head.bias.shape:
+        raise InputError(
+            f"{path}: head shape {tuple(tensors['weight'].shape)} does not match {what} "
+            f"{head.in_features}"
+        )
+    with torch.no_grad():
+        head.weight.copy_(tensors["weight"])
+        head.bias.copy_(tensors["bias"])

@@ -22,7 +22,13 @@ from torch import nn
 from ..core import response_mask_from_eos
 from ..data import atomic_write, atomic_write_json
 from ..errors import InputError
-from .forward import device_of, final_hidden_states, hidden_size_of, last_token_index
+from .forward import (
+    device_of,
+    final_hidden_states,
+    float32_linear,
+    hidden_size_of,
+    last_token_index,
+)
 from .loading import check_model_dir, load_causal_lm, load_tokenizer, match_vocab
 from .lora import ADAPTER_CONFIG, adapter_base, is_peft, load_adapter, save_adapter, use_adapter
 
@@ -81,7 +87,7 @@ class RewardModel(nn.Module):
             hidden = final_hidden_states(self.base_model, input_ids, attention_mask)  # (B, T, H)
         last = last_token_index(attention_mask)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.reward_head(pooled.to(self.reward_head.weight.dtype)).squeeze(-1)  # (B,)
+        return float32_linear(self.reward_head, pooled).squeeze(-1)  # (B,), float32
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -78,7 +78,9 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """compute dtype; frozen weights (reference, reward model, a LoRA policy's base) are stored in it. auto: bfloat16 on a CUDA GPU that has it, else float32"""
+    """compute dtype of the matrix products (autocast); the frozen matmul weights (reference, reward model, a LoRA policy's base) are stored in it, while embeddings, norms, the residual stream, the heads and every trained weight stay float32. auto: bfloat16 on a CUDA GPU that has it, else float32"""
+    fp32_lm_head: bool = True
+    """under bfloat16: run the LM head in float32, so log-probs, ratios and the KL come from float32 logits (the head's matmul then costs float32 time; --no-fp32-lm-head runs it in bf16)"""
     advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp"] = "gae"
     """gae: PPO's, with a value head; critic-free (no value head): rloo, grpo and dr_grpo (baselines from the other samples of a prompt, --samples-per-prompt 2 or more) and reinforce_pp (REINFORCE++); see docs/algorithms.md"""
     samples_per_prompt: int = 1
@@ -288,6 +290,12 @@ class PPORunConfig(PPOConfig, LoraArgs):
         self.validate_lora()
         if self.merge_lora and not self.lora_r:
             raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")
+        if self.lora_dropout:
+            raise ConfigError(
+                f"--lora-dropout {self.lora_dropout}: PPO runs with dropout off (the policy that "
+                "samples must be the one that is scored, so the first ratio is exactly 1); "
+                "dropout applies to train-reward and dpo"
+            )
         for name in ("sample_every", "max_prompt_tokens", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(

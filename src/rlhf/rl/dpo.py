@@ -27,7 +27,7 @@ from ..data import atomic_write_json, read_preferences
 from ..errors import ConfigError
 from ..models.forward import autocast, position_ids_from_mask
 from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
-from ..models.lora import AdaptersOff, LoraArgs, apply_lora
+from ..models.lora import AdaptersOff, LoraArgs, adapter_dropout, apply_lora
 from ..models.policy import save_lm
 from ..reward.loss import encode_texts
 from ..reward.preferences import (
@@ -321,7 +321,8 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
         )
     }
 
-    # 4. DPO: AdamW, linear decay, gradient clipping; dropout stays off (as loaded).
+    # 4. DPO: AdamW, linear decay, gradient clipping. The model's own dropout stays off (as
+    # loaded); --lora-dropout acts on the adapters' input during the training steps only.
     trained = [p for p in policy.parameters() if p.requires_grad]  # the adapters under LoRA
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
     total_steps = cfg.epochs * math.ceil(len(chosen) / cfg.batch_size)
@@ -334,9 +335,13 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
             perm = torch.randperm(len(chosen), generator=generator).tolist()
             for s in range(0, len(perm), cfg.batch_size):
                 idx = perm[s : s + cfg.batch_size]
-                logps, lengths = sequence_logps(
-                    policy, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, device
-                )  # (2B,) x2
+                adapter_dropout(policy, True)
+                try:
+                    logps, lengths = sequence_logps(
+                        policy, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, device
+                    )  # (2B,) x2
+                finally:
+                    adapter_dropout(policy, False)
                 b_ref = ref_logps[idx]  # (B, 2)
                 losses, r_c, r_r = dpo_loss(
                     logps[: len(idx)], logps[len(idx) :], b_ref[:, 0], b_ref[:, 1], cfg.beta,

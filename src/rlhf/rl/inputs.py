@@ -83,7 +83,7 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
     the tokenizer's chat template.
     """
-    from ..models.forward import compute_dtype
+    from ..models.forward import cast_frozen, compute_dtype
     from ..models.generation import (
         apply_chat_template,
         render_prompt_conversations,
@@ -154,22 +154,23 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
                     f"give --eos-token '{rm_tokenizer.eos_token}' if that is where they end"
                 )
     check_positions(cfg, tokenizer, prompts, longest_body, models)
-    # Frozen weights are loaded straight in the compute dtype (half the memory under bf16).
+    # Every model is read in float32; each frozen one then has its matmul weights stored in the
+    # compute dtype (`cast_frozen`) before the next is read, so that a bf16 reference computes
+    # exactly what the fp32 policy computes at the start (and the peak stays near one fp32 copy
+    # beyond the policy's).
     frozen_dtype = compute_dtype(device, cfg.dtype)
     code = cfg.trust_remote_code
-    policy = load_causal_lm(
-        policy_dir, trust_remote_code=code, dtype=frozen_dtype if cfg.lora_r else None
-    )
+    policy = load_causal_lm(policy_dir, trust_remote_code=code)
     match_vocab(policy, tokenizer, policy_dir)
     if cfg.lora_r:
-        policy = apply_lora(policy, cfg, seed=cfg.seed)
+        policy = cast_frozen(apply_lora(policy, cfg, seed=cfg.seed), frozen_dtype)
     if cfg.lora_r and not cfg.ref_model:
         ref = None  # the reference is the policy with its adapters switched off
     else:
         ref_dir = Path(cfg.ref_model) if cfg.ref_model else policy_dir
-        ref = load_causal_lm(ref_dir, trust_remote_code=code, dtype=frozen_dtype)
+        ref = load_causal_lm(ref_dir, trust_remote_code=code).requires_grad_(False)
         match_vocab(ref, tokenizer, ref_dir)
-        ref = ref.to(device)
+        ref = cast_frozen(ref, frozen_dtype).to(device)
     if cfg.reward_model:
         rm_dir = reward_model_folder(cfg.reward_model)
     else:
@@ -183,9 +184,11 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
             "model shares the policy's base; use the default --value-model shared"
         )
     reward_model = RewardModel.from_pretrained(
-        rm_dir, trust_remote_code=code, share_base=policy if share else None,
-        **({} if share else {"dtype": frozen_dtype}),
-    )  # fmt: skip
+        rm_dir, trust_remote_code=code, share_base=policy if share else None
+    )
+    if not share and cfg.value_model != "reward":  # the critic is copied from it in float32
+        reward_model.requires_grad_(False)
+        cast_frozen(reward_model.base_model, frozen_dtype, keep_head=False)
     return prompts, policy.to(device), ref, reward_model.to(device), tokenizer
 
 

@@ -78,14 +78,17 @@ def save_final_policy(trainer, tokenizer, directory: str | Path, merged=None) ->
     """Write the trained policy once, by rank 0, where `models.policy.load_policy` reads it.
 
     Sharded, the full weights are gathered to rank 0's CPU first; the folder is the same either
-    way: a Hugging Face model that plain `transformers` loads, and the value head beside it.
+    way: a Hugging Face model that plain `transformers` loads, and the value head beside it (or the
+    separate value network in `value_model/`).
     """
-    from ..models.policy import save_policy
+    from ..models.policy import save_policy, save_value_model
 
     world = trainer.world
     if not world.sharded:
         if world.is_main:
-            save_policy(trainer.policy, tokenizer, directory, merged=merged)
+            save_policy(
+                trainer.policy, tokenizer, directory, merged=merged, value_model=trainer.value_model
+            )
         world.barrier()
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -94,12 +97,18 @@ def save_final_policy(trainer, tokenizer, directory: str | Path, merged=None) ->
     lm = get_model_state_dict(trainer.policy.lm, options=whole)
     value_head = trainer.policy.value_head  # None for the critic-free estimators
     head = get_model_state_dict(value_head, options=whole) if value_head is not None else None
+    critic = trainer.value_model  # --value-model reward
+    if critic is not None:
+        critic_lm = get_model_state_dict(critic.lm, options=whole)
+        critic_head = get_model_state_dict(critic.value_head, options=whole)
     if world.is_main:
         directory = Path(directory)
         trainer.policy.lm.save_pretrained(directory, state_dict=lm, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         if head is not None:
             _save_value_head(head, directory)
+        if critic is not None:
+            save_value_model(critic, directory, lm_state=critic_lm, head_state=critic_head)
     world.barrier()
 
 

@@ -36,6 +36,7 @@ from ..models.forward import (
     compute_dtype,
     device_of,
     disable_dropout,
+    float32_lm_head,
     position_ids_from_mask,
     swap_slow_gelu,
 )
@@ -51,10 +52,32 @@ from .update import NonFiniteError, PPOUpdate
 
 
 def _freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Frozen, in eval mode, its matmul weights stored in `dtype` (`cast_frozen`); a reward
+    model's trunk only (its reward head stays float32, its unused LM head is cast too)."""
     model.eval()  # dropout off (ppo-details 2)
     for p in model.parameters():
         p.requires_grad_(False)
+    if isinstance(model, RewardModel):
+        cast_frozen(model.base_model, dtype, keep_head=False)
+        return model
     return cast_frozen(model, dtype)
+
+
+def _check_untrained_adapter(lm: nn.Module) -> None:
+    """With no reference given, a LoRA policy's reference is its base (adapters off), which is the
+    starting policy only while the adapters are still at their start, a no-op (B = 0)."""
+    trained = [
+        name
+        for name, p in lm.named_parameters()
+        if "lora_B" in name and p.requires_grad and bool(p.detach().abs().max() > 0)
+    ]
+    if trained:
+        raise ConfigError(
+            f"ref_model is None, so the reference would be this LoRA policy's base with its "
+            f"adapters switched off, but the adapters are already trained ({trained[0]} is not "
+            "zero): that base is not the starting policy. Pass the reference explicitly (a frozen "
+            "copy of the policy as it is now, e.g. copy.deepcopy(policy).merge_and_unload())"
+        )
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -104,20 +127,44 @@ class PPOTrainer(PPOUpdate):
                 "the reference and reward models must be separate copies of the policy "
                 "(for example copy.deepcopy(policy)); they are frozen, the policy is trained"
             )
-        # The critic-free estimators build no value head (and train none they are given).
+        # The critic-free estimators build no value head (and train none they are given), nor
+        # does a run whose critic is a separate value network (--value-model reward).
         self.critic_free = cfg.advantage_estimator in CRITIC_FREE
+        own_head = not self.critic_free and cfg.value_model == "shared"
         self.policy = (
             policy
             if isinstance(policy, PolicyWithValueHead)
-            else PolicyWithValueHead(policy, value_head=not self.critic_free)
+            else PolicyWithValueHead(policy, value_head=own_head)
         )
         self.policy.eval()  # dropout off in the policy too; eval() does not stop gradients
         self.device = device_of(self.policy)
         self.dtype = compute_dtype(self.device, cfg.dtype)
+        if ref_model is None:
+            _check_untrained_adapter(self.policy.lm)
+        # The separate critic is copied before the reward model's weights are cast: it is
+        # trained, so it starts from (and keeps) float32 weights.
+        self.value_model = (
+            ValueModel.from_reward_model(reward_model).to(self.device)
+            if cfg.value_model == "reward"
+            else None
+        )
         self.ref_model = _freeze(ref_model, self.dtype) if ref_model is not None else None
         self.reward_model = reward_model if shares_base else _freeze(reward_model, self.dtype)
         if is_peft(self.policy.lm):
             cast_frozen(self.policy.lm, self.dtype)  # the base weights; the adapters stay float32
+        if self.policy.value_head is not None and not own_head:
+            self.policy.value_head.requires_grad_(False)  # a head it was given is not trained
+        # Every trained parameter is float32, the master copy AdamW updates: a bf16 weight would
+        # round most small updates away. Under bf16 autocast the products still run in bf16.
+        for model in (self.policy, self.value_model):
+            for param in model.parameters() if model is not None else ():
+                if param.requires_grad and param.is_floating_point():
+                    param.data = param.data.float()
+        if self.dtype != torch.float32 and cfg.fp32_lm_head:
+            # Logits in float32 before the log-softmax, for the policy and the reference alike.
+            for model in (self.policy.lm, self.ref_model):
+                if model is not None:
+                    float32_lm_head(model)
         self.tokenizer = tokenizer
         self.reward_tokenizer = (
             reward_tokenizer or getattr(reward_model, "tokenizer", None) or tokenizer
@@ -132,11 +179,6 @@ class PPOTrainer(PPOUpdate):
             limit = config_position_limit(config.to_dict()) if config is not None else None
             self.reward_max_length = limit or sys.maxsize
         self.gold_judge = gold_judge
-        self.value_model = (
-            ValueModel(reward_model).to(self.device) if cfg.value_model == "reward" else None
-        )
-        if self.critic_free and self.policy.value_head is not None:
-            self.policy.value_head.requires_grad_(False)  # a head it was given is not trained
         for model in (self.policy, self.ref_model, self.reward_model, self.value_model):
             if model is not None:
                 swap_slow_gelu(model)

@@ -37,9 +37,13 @@ class PPOUpdate:
     def update(self, b: Rollout) -> dict[str, float]:
         """PPO epochs on the global batch `b`; this process runs its share of each minibatch.
 
-        Every token's loss is weighted by 1 / (tokens in the global minibatch), so summing the
-        micro-batches' losses (and, across processes, their gradients) gives the minibatch's
-        token-mean loss exactly, whatever the split (ppo-details 17).
+        Every token's loss is weighted as --loss-aggregation says, with weights computed once for
+        the global minibatch (by default 1 / its tokens), so summing the micro-batches' losses (and,
+        across processes, their gradients) gives the minibatch's loss exactly, whatever the split
+        (ppo-details 17). The diagnostics (approx-KL, clip fractions, ratio, entropy) are token
+        means of the minibatch whatever the aggregation: its weights are for the loss alone
+        (under seq-mean-token-sum-norm they do not even sum to 1). `loss/policy` and
+        `loss/value` are the losses as aggregated, what the optimizer minimises.
         """
         cfg, world = self.config, self.world
         B, M = len(b), cfg.minibatch_size
@@ -57,6 +61,7 @@ class PPOUpdate:
                     weight = loss_token_weights(
                         b.response_mask[mb], cfg.loss_aggregation, cfg.response_tokens
                     )  # (M, R)
+                    token_mean = loss_token_weights(b.response_mask[mb], "token-mean")  # (M, R)
                     mine = slice(world.rank * share, (world.rank + 1) * share)
                     sums = torch.zeros(len(self.STATS), device=self.device)
                     bad = False
@@ -64,9 +69,10 @@ class PPOUpdate:
                     for s in range(mine.start, mine.stop, micro):
                         idx = mb[s : min(s + micro, mine.stop)]  # (m,)
                         w = weight[s : min(s + micro, mine.stop)]  # (m, R)
+                        tw = token_mean[s : min(s + micro, mine.stop)]  # (m, R)
                         # Processes average gradients once, in the minibatch's last backward.
                         with sync_gradients(self.trained, s + micro >= mine.stop):
-                            loss, micro_sums = self._micro_loss(b, idx, w, response)
+                            loss, micro_sums = self._micro_loss(b, idx, w, response, tw)
                             bad = bad or not bool(torch.isfinite(loss))
                             # Gradient averaging over processes divides by their number; undo it.
                             (loss * world.size).backward()
@@ -93,9 +99,17 @@ class PPOUpdate:
         return stats
 
     def _micro_loss(
-        self, b: Rollout, idx: torch.Tensor, w: torch.Tensor, response: torch.Tensor
+        self,
+        b: Rollout,
+        idx: torch.Tensor,
+        w: torch.Tensor,
+        response: torch.Tensor,
+        tw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weighted loss of rows `idx` and the weighted sums of STATS over them."""
+        """The loss of rows `idx` weighted by `w` (the loss aggregation's weights), and their
+        parts of STATS: the losses weighted by `w`, the diagnostics by `tw` (token-mean weights of
+        the minibatch; `w` when not given)."""
+        tw = w if tw is None else tw
         cfg = self.config
         mask = b.response_mask[idx]  # (m, R)
         # Trim the padding these rows share, so short micro-batches run short forward passes.
@@ -103,7 +117,7 @@ class PPOUpdate:
         P = int(b.attention_mask[idx, : b.P].sum(1).max())  # longest prompt (left-padded)
         ids = b.query_response[idx, b.P - P : b.P + R]  # (m, P+R)
         attn = b.attention_mask[idx, b.P - P : b.P + R]  # (m, P+R)
-        mask, w = mask[:, :R], w[:, :R]  # (m, R)
+        mask, w, tw = mask[:, :R], w[:, :R], tw[:, :R]  # (m, R)
         logits, values = self._policy_forward(ids, attn, P)  # (m, R, V), (m, R)
         logp_all = torch.log_softmax(logits, dim=-1)  # (m, R, V), float32
         logprobs = logp_all.gather(-1, response[idx, :R].unsqueeze(-1)).squeeze(-1)  # (m, R)
@@ -131,11 +145,11 @@ class PPOUpdate:
                 [
                     (w * pg).sum(),
                     (w * vf).sum(),
-                    (w * 0.5 * log_ratio.pow(2)).sum(),
-                    (w * clipped).sum(),
-                    (w * log_ratio.exp()).sum(),
-                    (w * entropy).sum(),
-                    (w * vf_clipped).sum(),
+                    (tw * 0.5 * log_ratio.pow(2)).sum(),
+                    (tw * clipped).sum(),
+                    (tw * log_ratio.exp()).sum(),
+                    (tw * entropy).sum(),
+                    (tw * vf_clipped).sum(),
                 ]
             ).to(self.device)
         return loss, sums

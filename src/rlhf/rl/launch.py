@@ -8,12 +8,17 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address in each pr
 environment; `init_world` reads them and starts the default group: gloo on the CPU, and on CUDA
 NCCL for GPU tensors (with gloo beside it for CPU tensors), each process on GPU LOCAL_RANK.
 Without them it returns the one-process `World`.
+
+A worker leaves with `exit_worker` (the CLI calls it once the command is done): files flushed,
+the other processes met once more when they all end the run at the same point, then `os._exit`.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import sys
 
 import torch
 
@@ -21,6 +26,10 @@ from ..errors import ConfigError
 from .distributed import TorchWorld, World
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+# `init_world` started this process's group; every process of it ends the run at the same point
+# (`leave_together`). Module state: there is one default group per process.
+_joined = {"group": False, "together": False}
 
 
 def launched() -> bool:
@@ -64,6 +73,7 @@ def init_world(device: str = "auto") -> World:
     else:
         backend = "gloo"
     dist.init_process_group(backend, **_fresh_store())
+    _joined.update(group=True, together=False)
     atexit.register(_leave)
     return TorchWorld(chosen)
 
@@ -95,6 +105,52 @@ def _local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def started_group() -> bool:
+    """Whether `init_world` started this process's group (a torchrun worker of `rlhf ppo`)."""
+    return _joined["group"]
+
+
+def leave_together() -> None:
+    """Say that every process of the group is ending the run here, with nothing left to send:
+    it finished (after its last barrier), or all agreed to stop, or all were told that rank 0
+    failed. `exit_worker` then meets the others before leaving, so that rank 0's last line is
+    out before torchrun sees a process end (it stops the rest when one fails)."""
+    _joined["together"] = True
+
+
+def exit_worker(code: int) -> None:
+    """End this torchrun worker with exit code `code`, now that its command has returned.
+
+    Returns without doing anything in a process whose group `init_world` did not start (one
+    process, library use, tests). Otherwise: flushes stdout, stderr and the logs, meets the
+    other processes when they all end the run together (`leave_together`), and leaves with
+    `os._exit`. Not by returning: in torch 2.13 `destroy_process_group` does not stop gloo's
+    threads once DDP or FSDP2 was built on the group, and those threads then race the
+    interpreter's shutdown while the peer closes its sockets ("terminate called without an
+    active exception", 3 of 92 two-process --shard runs; see benchmarks/stability_loop.py).
+    Every file the run wrote was closed before its command returned; `os._exit` skips only the
+    interpreter's teardown (and `_leave`, whose work ends with the process).
+    """
+    if not started_group():
+        return
+    import torch.distributed as dist
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # None, or closed already
+            pass
+    if sys.stdout is not sys.__stdout__:  # ranks 1..N print to os.devnull (`cli.main`)
+        sys.stdout.close()
+    if _joined["together"] and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a process is gone: torchrun is ending the group anyway
+            pass
+    os._exit(code)
 
 
 def _leave() -> None:

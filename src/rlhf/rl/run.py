@@ -28,9 +28,9 @@ from .checkpoint import (
 )
 from .config import PPORunConfig
 from .detector import HackingDetector
-from .distributed import Discard, check_world
+from .distributed import Discard, PeerFailed, check_world
 from .inputs import load_run_inputs
-from .launch import init_world
+from .launch import init_world, leave_together
 from .sharded_state import save_final_policy
 from .step import ppo_step as ppo_step  # re-exported
 from .trainer import PPOTrainer
@@ -146,9 +146,17 @@ def train_ppo(
                 f"--resume: {found[-1]} is already at step {checkpoint_step(found[-1])}; "
                 f"--steps {cfg.steps} leaves nothing to run"
             )
-    prompts, policy, ref, reward_model, tokenizer = world.main_first(
-        lambda: load_run_inputs(cfg, progress)
-    )
+    try:
+        prompts, policy, ref, reward_model, tokenizer = world.main_first(
+            lambda: load_run_inputs(cfg, progress)
+        )
+    except PeerFailed:
+        leave_together()  # rank 0 failed and told every process
+        raise
+    except BaseException:
+        if world.is_main:  # main_first told the others; a rank > 0 that fails here is alone
+            leave_together()
+        raise
     # Seeded after loading: on a cold cache, loading trains models first and draws from the RNG.
     set_seed(cfg.seed)
     builtin_prompts = cfg.prompts is None
@@ -230,6 +238,7 @@ def train_ppo(
                 # in the next step's collectives (one signal may reach them a step apart).
                 if world.any_process(stop.requested):
                     saved = saved or checkpoint(done)
+                    leave_together()
                     raise Interrupted(
                         f"interrupted after {done} of {cfg.steps} steps; saved checkpoint {saved}",
                         resumable=True,
@@ -267,9 +276,9 @@ def train_ppo(
     if main:
         atomic_write_json(out / "summary.json", summary)
     # The processes leave together, none tearing its process group down while another still
-    # writes. (A rare abort at exit of a finished --shard run under gloo, "terminate called
-    # without an active exception", was seen with and without this; see tests/test_distributed.)
+    # writes; under the CLI each then ends with `launch.exit_worker`.
     world.barrier()
+    leave_together()
     return summary
 
 

@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.excepthook(*sys.exc_info())  # the traceback Python would print, then exit code 1
         code = 1
     if _torchrun_worker():
-        sys.modules["rlhf.rl.launch"].exit_worker(code)
+        from .rl.launch import exit_worker  # imported already by the command that ran
+
+        exit_worker(code)
     return code
 
 

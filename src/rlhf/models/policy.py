@@ -70,12 +70,7 @@ class PolicyWithValueHead(nn.Module):
         return logits, values
 
     def save_value_head(self, directory: str | Path) -> None:
-        tensors = {
-            "weight": self.value_head.weight.detach().float().contiguous().cpu(),
-            "bias": self.value_head.bias.detach().float().contiguous().cpu(),
-        }
-        with atomic_write(Path(directory) / VALUE_HEAD_FILE) as tmp:
-            save_file(tensors, str(tmp))
+        save_head(self.value_head.state_dict(), Path(directory) / VALUE_HEAD_FILE)
 
     def load_value_head(self, directory: str | Path) -> None:
         """Read the value head written by `save_value_head` (safetensors) into this policy."""
@@ -178,9 +173,14 @@ class ValueModel(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, value_head: nn.Linear):
+        """Every weight trainable and float32 (the optimizer's master copy, never bf16), in eval
+        mode (dropout off, ppo-details 2)."""
         super().__init__()
         self.lm = lm
         self.value_head = value_head
+        self.float().eval()
+        for p in self.parameters():
+            p.requires_grad_(True)
 
     @classmethod
     def from_reward_model(cls, reward_model: RewardModel) -> ValueModel:
@@ -194,11 +194,7 @@ class ValueModel(nn.Module):
             gain = reward_model.reward_gain.float()
             head.weight.mul_(gain)
             head.bias.mul_(gain).add_(reward_model.reward_bias.float())
-        model = cls(lm, head).float()  # the optimizer's master weights (never bf16)
-        model.eval()  # dropout off (ppo-details 2)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
+        return cls(lm, head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = final_hidden_states(self.lm, input_ids, attention_mask)  # (B, T, H)
@@ -219,10 +215,7 @@ def save_value_model(
     gathered from a sharded run (else the modules' own weights are written)."""
     folder = Path(directory) / VALUE_MODEL_DIR
     value_model.lm.save_pretrained(folder, state_dict=lm_state, safe_serialization=True)
-    head = head_state or value_model.value_head.state_dict()
-    tensors = {name: head[name].detach().float().contiguous().cpu() for name in ("weight", "bias")}
-    with atomic_write(folder / VALUE_HEAD_FILE) as tmp:
-        save_file(tensors, str(tmp))
+    save_head(head_state or value_model.value_head.state_dict(), folder / VALUE_HEAD_FILE)
 
 
 def load_value_model(directory: str | Path, trust_remote_code: bool = False) -> ValueModel:
@@ -242,10 +235,15 @@ def load_value_model(directory: str | Path, trust_remote_code: bool = False) -> 
     lm = load_causal_lm(folder, trust_remote_code=trust_remote_code)
     head = nn.Linear(hidden_size_of(lm), 1)
     _read_head(head, folder / VALUE_HEAD_FILE, "the value model's hidden size")
-    model = ValueModel(lm, head).float()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return ValueModel(lm, head)
+
+
+def save_head(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a scalar head's `weight` and `bias` (a state dict, possibly gathered from shards)
+    to `path` as float32 safetensors, atomically; `_read_head` reads it."""
+    tensors = {name: state[name].detach().float().contiguous().cpu() for name in ("weight", "bias")}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def _read_head(head: nn.Linear, path: Path, what: str) -> None:

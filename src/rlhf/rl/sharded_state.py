@@ -13,7 +13,6 @@ import contextlib
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 SHARDED_DIR = "sharded"
@@ -81,7 +80,7 @@ def save_final_policy(trainer, tokenizer, directory: str | Path, merged=None) ->
     way: a Hugging Face model that plain `transformers` loads, and the value head beside it (or the
     separate value network in `value_model/`).
     """
-    from ..models.policy import save_policy, save_value_model
+    from ..models.policy import VALUE_HEAD_FILE, save_head, save_policy, save_value_model
 
     world = trainer.world
     if not world.sharded:
@@ -106,18 +105,7 @@ def save_final_policy(trainer, tokenizer, directory: str | Path, merged=None) ->
         trainer.policy.lm.save_pretrained(directory, state_dict=lm, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         if head is not None:
-            _save_value_head(head, directory)
+            save_head(head, directory / VALUE_HEAD_FILE)
         if critic is not None:
             save_value_model(critic, directory, lm_state=critic_lm, head_state=critic_head)
     world.barrier()
-
-
-def _save_value_head(head: dict[str, torch.Tensor], directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    from ..data import atomic_write
-    from ..models.policy import VALUE_HEAD_FILE
-
-    tensors = {name: t.detach().float().contiguous() for name, t in head.items()}
-    with atomic_write(directory / VALUE_HEAD_FILE) as tmp:
-        save_file(tensors, str(tmp))

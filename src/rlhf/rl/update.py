@@ -104,12 +104,11 @@ class PPOUpdate:
         idx: torch.Tensor,
         w: torch.Tensor,
         response: torch.Tensor,
-        tw: torch.Tensor | None = None,
+        tw: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of rows `idx` weighted by `w` (the loss aggregation's weights), and their
         parts of STATS: the losses weighted by `w`, the diagnostics by `tw` (token-mean weights of
-        the minibatch; `w` when not given)."""
-        tw = w if tw is None else tw
+        the minibatch)."""
         cfg = self.config
         mask = b.response_mask[idx]  # (m, R)
         # Trim the padding these rows share, so short micro-batches run short forward passes.

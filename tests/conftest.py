@@ -62,6 +62,19 @@ def make_tiny_lm(tokenizer, arch: str = "gpt2", seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def make_eos_biased_lm(tokenizer, arch: str = "gpt2", seed: int = 0, bias: float = 4.0):
+    """A tiny model whose LM head leans toward EOS (an added bias), so that some responses end
+    early and rows have different lengths."""
+    lm = make_tiny_lm(tokenizer, arch, seed=seed)
+    old = lm.lm_head
+    lm.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        lm.lm_head.weight.copy_(old.weight)
+        lm.lm_head.bias.zero_()
+        lm.lm_head.bias[tokenizer.eos_token_id] = bias
+    return lm
+
+
 @pytest.fixture
 def tiny_lm(tiny_tokenizer):
     return make_tiny_lm(tiny_tokenizer)

@@ -66,7 +66,11 @@ def make_stopping_lm(tokenizer, stop_text: str = "?"):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("dist-inputs")
+    return write_inputs(tmp_path_factory.mktemp("dist-inputs"), tiny_tokenizer)
+
+
+def write_inputs(root: Path, tiny_tokenizer) -> Path:
+    """The policy (`make_stopping_lm`), a reward model and the prompt pool, saved under `root`."""
     make_stopping_lm(tiny_tokenizer).save_pretrained(root / "policy")
     tiny_tokenizer.save_pretrained(root / "policy")
     RewardModel(make_tiny_lm(tiny_tokenizer, seed=3), tokenizer=tiny_tokenizer).save_pretrained(

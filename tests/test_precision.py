@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from conftest import PROMPTS, make_tiny_lm
+from conftest import PROMPTS, make_eos_biased_lm, make_tiny_lm
 from rlhf.core import group_normalised_advantages, rloo_advantages
 from rlhf.errors import ConfigError, InputError
 from rlhf.models.forward import autocast, cast_frozen, float32_lm_head
@@ -34,18 +34,6 @@ def _loud_lm(tok, arch: str = "gpt2", seed: int = 0):
         for p in lm.parameters():
             if p.dim() == 2:
                 p.mul_(10.0)
-    return lm
-
-
-def _eos_biased(tok, arch: str = "gpt2"):
-    """A tiny model whose LM head leans toward EOS, so responses end at different lengths."""
-    lm = make_tiny_lm(tok, arch)
-    old = lm.lm_head
-    lm.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        lm.lm_head.weight.copy_(old.weight)
-        lm.lm_head.bias.zero_()
-        lm.lm_head.bias[tok.eos_token_id] = 3.0
     return lm
 
 
@@ -141,6 +129,19 @@ def test_every_trained_parameter_is_float32_under_bf16(tiny_tokenizer, value_mod
         assert {p.dtype for p in trainer.value_model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(value_model="reward"), dict(advantage_estimator="grpo", samples_per_prompt=2)],
+)
+def test_first_ratio_is_one_in_bf16(tiny_tokenizer, options):
+    """The log-probs the update recomputes are the rollout's, to the bit, in bf16 as in fp32."""
+    options = {"ppo_epochs": 2, "minibatch_size": 4, **options}
+    for dtype in ("float32", "bfloat16"):
+        trainer = _trainer(tiny_tokenizer, dtype=dtype, **options)
+        prompts = PROMPTS[:4] if "samples_per_prompt" in options else PROMPTS
+        assert trainer.step(prompts)["policy/first_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_a_bf16_policy_is_trained_in_float32(tiny_tokenizer):
     """A policy handed over in bf16 (transformers 5 keeps a bf16 checkpoint's dtype) is trained
     on float32 master weights: AdamW on bf16 weights rounds small steps away."""
@@ -220,8 +221,9 @@ def test_a_float32_head_survives_a_deep_copy(tiny_tokenizer):
         ("dr_grpo", "token-mean"),
     ],
 )
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_diagnostics_are_token_means_whatever_the_loss_aggregation(
-    tiny_tokenizer, estimator, aggregation
+    tiny_tokenizer, estimator, aggregation, dtype
 ):
     """The first minibatch of the first epoch sees the rollout's own policy: its ratio is exactly
     1, its approx-KL and clip fraction 0, and its entropy the token mean of the rollout's. Under
@@ -231,12 +233,13 @@ def test_diagnostics_are_token_means_whatever_the_loss_aggregation(
 
     trainer = _trainer(
         tiny_tokenizer,
-        policy=_eos_biased(tiny_tokenizer),
+        policy=make_eos_biased_lm(tiny_tokenizer, bias=3.0),
         advantage_estimator=estimator,
         samples_per_prompt=2,
         batch_size=4,
         minibatch_size=8,
         loss_aggregation=aggregation,
+        dtype=dtype,
     )
     b = trainer.rollout(PROMPTS[:4])
     lengths = b.response_mask.sum(1)
@@ -309,10 +312,11 @@ def _dropout_lm(tok, arch: str, p: float = 0.1):
     return lm.train()  # handed over in train mode: the trainer must switch dropout off itself
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_dropout_models_keep_the_first_ratio_at_one_and_checkpointing_exact(
-    tiny_tokenizer, arch, lora
+    tiny_tokenizer, arch, lora, dtype
 ):
     from rlhf.models.lora import LoraArgs, apply_lora
 
@@ -326,7 +330,9 @@ def test_dropout_models_keep_the_first_ratio_at_one_and_checkpointing_exact(
         lm = policy()
         ref = None if lora else copy.deepcopy(lm)
         rm = RewardModel(make_tiny_lm(tiny_tokenizer, arch, seed=2), tokenizer=tiny_tokenizer)
-        config = PPOConfig(**{**SMALL, "ppo_epochs": 2, "minibatch_size": 4, **options})
+        config = PPOConfig(
+            **{**SMALL, "ppo_epochs": 2, "minibatch_size": 4, "dtype": dtype, **options}
+        )
         return PPOTrainer(lm, ref, rm, tiny_tokenizer, config)
 
     assert any(
@@ -426,7 +432,6 @@ def _metrics(out) -> list[dict]:
 def test_the_separate_critic_is_saved_loaded_and_resumed(ppo_inputs, tmp_path):
     from rlhf.cli import main
     from rlhf.models.policy import VALUE_HEAD_FILE, load_policy, load_value_model
-    from rlhf.rl.inputs import load_run_inputs  # noqa: F401 (the CLI path under test)
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(_critic_run(ppo_inputs, whole, "--steps", "3")) == 0
@@ -444,11 +449,6 @@ def test_the_separate_critic_is_saved_loaded_and_resumed(ppo_inputs, tmp_path):
     with pytest.raises(InputError, match="separate value network"):
         load_policy(policy_dir)  # a value head of the policy's own is not there to hand back
     load_policy(policy_dir, value_head=False)
-    # The critic's values on a sequence are what the trainer's critic gave at the end.
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        values = critic(ids, torch.ones_like(ids))
-    assert values.shape == (1, 4) and torch.isfinite(values).all()
 
     # Resume: 2 steps, then --resume to 3, gives the 3-step run.
     assert main(_critic_run(ppo_inputs, split, "--steps", "2")) == 0

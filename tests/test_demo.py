@@ -111,7 +111,7 @@ def test_quick_demo_bars_end_full_and_name_each_run(quick_demo):
         assert bar.n == bar.total, f"{desc}: {bar.n} of {bar.total}"
     for expected in (
         "pretrain base model",
-        "sample and label preference pairs",
+        "sample and label pairs (3,308 prompts for 3,000 pairs)",
         "train reward model",
         "PPO with the KL penalty (kl_coef 0.1)",
         "PPO without the KL penalty (kl_coef 0)",

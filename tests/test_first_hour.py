@@ -249,7 +249,7 @@ def test_new_config_fields_land_in_a_group_without_editing_the_cli():
         for action in group._group_actions
     }
     assert group_of["kl_warmup"] == "KL penalty"  # by its name
-    assert group_of["lora_rank"] == "PPO"  # by its name
+    assert group_of["lora_rank"] == "LoRA"  # by its name
     assert group_of["clip_schedule"] == "PPO"  # declared in a PPOConfig
     assert group_of["world_size"] == "run"  # declared in a PPORunConfig
     assert group_of["vf_coef"] == "PPO"  # a PPOConfig field named nowhere
@@ -363,7 +363,7 @@ def test_create_preference_dataset_draws_its_own_bar_and_not_transformers(
     assert "Loading weights" not in err
     (bar,) = bars
     assert bar.n == bar.total == 300 + 300 // 10 + 8  # every prompt sampled, over two chunks
-    assert "preference pairs" in bar.desc
+    assert bar.desc.startswith("sample and label pairs (338 prompts for 300 pairs)")
     assert 0 < len(records) <= 300
 
 

@@ -17,6 +17,7 @@ PACKAGE = Path(rlhf.__file__).parent
 # Pipeline order: a module may import from its own rank or a lower one.
 RANKS = {
     "rlhf.errors": 0,
+    "rlhf.machine": 0,
     "rlhf.core": 0,
     "rlhf.data": 0,
     "rlhf.text_stats": 0,

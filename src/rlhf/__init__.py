@@ -17,7 +17,7 @@ _EXPORTS = {
     "create_preference_dataset": "rlhf.reward.preferences",
     "reward_model_loss": "rlhf.reward.loss",
     "train_reward": "rlhf.reward.train",
-    "RewardConfig": "rlhf.reward.train",
+    "RewardConfig": "rlhf.reward.config",
     "ppo_step": "rlhf.rl.step",
     "train_ppo": "rlhf.rl.run",
     "PPORunConfig": "rlhf.rl.config",
@@ -56,9 +56,10 @@ if TYPE_CHECKING:
     from .core import compute_kl_penalty
     from .models.policy import PolicyWithValueHead
     from .models.reward_model import RewardModel
+    from .reward.config import RewardConfig
     from .reward.loss import reward_model_loss
     from .reward.preferences import create_preference_dataset
-    from .reward.train import RewardConfig, train_reward
+    from .reward.train import train_reward
     from .rl.config import PPOConfig, PPORunConfig
     from .rl.dpo import DPOConfig, train_dpo
     from .rl.run import train_ppo

@@ -8,13 +8,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shlex
 import sys
 import typing
 from pathlib import Path
 
-from .analysis.frontier import SweepConfig
+from .analysis.sweep_config import SweepConfig
 from .cli_options import (
     DPO_HELP_GROUPS,
     EXAMPLES,
@@ -23,14 +24,42 @@ from .cli_options import (
     REWARD_EXAMPLES,
     REWARD_HELP_GROUPS,
     add_config_arguments,
+    add_threads_argument,
     config_from_args,
     wrap,
 )
 from .cli_options import field_docs as field_docs  # re-exported
 from .errors import RLHFError
-from .reward.train import RewardConfig
+from .reward.config import RewardConfig
 from .rl.config import PPORunConfig
-from .rl.dpo import DPOConfig
+from .rl.dpo_config import DPOConfig
+
+DEMO_EXAMPLES = """\
+examples:
+  rlhf demo                      reward model, PPO with and without the KL penalty, side runs, plots
+                                 and runs/demo/report.md (about 4 minutes on 2 quiet cores)
+  rlhf demo --quick              the same pipeline at smoke size, in runs/demo-quick
+  rlhf demo --seed 1 --out runs/demo-seed1
+                                 another seed, beside the first (a rerun reuses the cached models)
+"""
+
+DPO_EXAMPLES = """\
+examples:
+  rlhf dpo --out runs/dpo        the built-in task: pairs sampled from the base model, labelled by
+                                 the gold judge, gold and KL measured on fresh samples at the end
+  rlhf dpo --model ./my-sft-model --data prefs.jsonl --out runs/dpo
+                                 your SFT model and preference file
+  rlhf dpo --model ./my-sft-model --data prefs.jsonl --lora-r 8 --lr 3e-3 --out runs/dpo-lora
+                                 LoRA adapters, which need a larger learning rate
+  rlhf dpo --loss-type ipo --beta 0.1 --out runs/ipo
+                                 IPO's squared loss instead of DPO's logistic one
+"""
+
+PLOT_EXAMPLES = """\
+examples:
+  rlhf plot runs/ppo             the reward/KL trade-off and the diagnostics of one PPO run
+  rlhf plot runs/demo            every run inside the demo's folder
+"""
 
 SWEEP_EXAMPLES = """\
 examples:
@@ -47,13 +76,33 @@ class _Parser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(
+            2,
+            f"{self.prog}: error: {message}{self._suggestion(message)} (see {self.prog} --help)\n",
+        )
+
+    def _suggestion(self, message: str) -> str:
+        """ ", did you mean ...?" for a misspelt command name (argparse's "invalid choice")."""
+        if "invalid choice:" not in message or not self.commands:
+            return ""
+        typed = message.split("invalid choice:", 1)[1].split("'")[1]
+        close = difflib.get_close_matches(typed, list(self.commands), n=1)
+        return f"; did you mean '{close[0]}'?" if close else ""
 
     def parse_args(self, args=None, namespace=None):
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             command = self.commands.get(getattr(parsed, "command", None), self)
-            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+            options = [o for o in command._option_string_actions if o.startswith("--")]
+            hints = []
+            for arg in unknown:
+                typed = arg.split("=", 1)[0]
+                if typed.startswith("--"):
+                    close = difflib.get_close_matches(typed, options, n=1, cutoff=0.75)
+                    if close:
+                        hints.append(f"{typed}: did you mean {close[0]}?")
+            hint = f" ({'; '.join(hints)})" if hints else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
         return parsed
 
 
@@ -77,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the whole pipeline on the built-in task and write a report",
         description="Run every stage on the built-in task, reusing cached stages, and say what was made.",
+        epilog=DEMO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument(
         "--out", default=None, help="output folder (default: runs/demo, or runs/demo-quick)"
@@ -119,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=PPO_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(ppo, PPORunConfig, groups=PPO_HELP_GROUPS)
+    # top-k, top-p and LoRA dropout can only be refused (rl.config says why); not listed.
+    add_config_arguments(
+        ppo, PPORunConfig, groups=PPO_HELP_GROUPS, hidden=("top_k", "top_p", "lora_dropout")
+    )
 
     dpo = sub.add_parser(
         "dpo",
@@ -131,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
             "implicit-reward accuracy before and after; on the built-in task the gold score and the KL to "
             "the reference on fresh samples) to --out."
         ),
+        epilog=DPO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(dpo, DPOConfig, groups=DPO_HELP_GROUPS)
 
@@ -141,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png "
             "beside it. A folder of runs (such as runs/demo) has every PPO run inside it plotted."
         ),
+        epilog=PLOT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     plot.add_argument(
         "run_dir",
@@ -163,8 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(sweep, SweepConfig)
+    for name, command in sub.choices.items():
+        if name != "plot":  # plotting reads files; the others train
+            add_threads_argument(command)
     parser.commands = sub.choices
     return parser
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _run_train_reward(args) -> None:
@@ -210,7 +275,7 @@ def _run_ppo(args) -> None:
         else ""
     )
     print(
-        f"PPO: {summary['steps']} steps in {summary['seconds']:.0f} s{resumed}; last step reward "
+        f"PPO: {_count(summary['steps'], 'step')} in {summary['seconds']:.0f} s{resumed}; last step reward "
         f"{final['objective/reward']:.3f}, KL {final['objective/kl']:.2f} nats{gold}\n"
         f"  policy:  {out / 'policy'}\n"
         f"  metrics: {out / 'metrics.jsonl'} (plot with: rlhf plot {out})\n"
@@ -235,7 +300,7 @@ def _run_dpo(args) -> None:
             f"{result['reference']['gold']:.3f}), KL {result['policy']['kl']:.2f} nats"
         )
     print(
-        f"DPO: {result['steps']} steps in {result['seconds']:.0f} s; held-out implicit-reward "
+        f"DPO: {_count(result['steps'], 'step')} in {result['seconds']:.0f} s; held-out implicit-reward "
         f"accuracy {before:.3f}{tied} -> {after:.3f}{gold}\n"
         f"  policy:  {out / 'policy'}\n"
         f"  eval:    {out / 'dpo_eval.json'}\n"
@@ -332,6 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _set_threads(requested: int) -> None:
+    """torch's intra-op threads: --threads, $OMP_NUM_THREADS as given, or the cores idle now."""
+    import torch
+
+    from . import machine
+
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if not requested and env.isdigit() and int(env) > 0:
+        requested = int(env)  # torchrun sets 1; a user who set it meant it
+    threads, why = machine.choose_threads(requested, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    machine.CHOSEN = why
+
+
 def _torchrun_worker() -> bool:
     """Whether `rl.launch.init_world` started a process group here (a command that ran it has
     imported `rl.launch`; looked up, not imported, so that `rlhf --help` stays light)."""
@@ -347,6 +426,8 @@ def _main(argv: list[str]) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_transformers()
+    if hasattr(args, "threads"):
+        _set_threads(args.threads)
     speaks = _rank_zero()
     if not speaks:  # under torchrun, rank 0 alone prints (progress bars are off elsewhere)
         sys.stdout = open(os.devnull, "w")

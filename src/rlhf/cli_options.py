@@ -72,9 +72,12 @@ PPO_HELP_GROUPS = {
     "inputs": "the models and prompts to start from (default: the built-in task)",
     "outputs": "what is written to --out, and how often",
     "PPO": "the PPO update; (ppo-details N) refers to docs/ppo-details.md",
+    "advantages": "the advantage estimator: GAE with a critic, or a critic-free group baseline",
     "KL penalty": "the penalty that keeps the policy near the reference",
     "generation": "how responses are sampled during training",
-    "run": "seed, device, cache and resuming",
+    "LoRA": "train low-rank adapters instead of every weight",
+    "memory and speed": "micro-batches, precision and sharding: what fits in memory, how fast it runs",
+    "run": "seed, device, threads, cache and resuming",
 }
 REWARD_HELP_GROUPS = {
     "inputs": "the preference data and the model to start from (default: the built-in task)",
@@ -94,7 +97,8 @@ DPO_HELP_GROUPS = {
 OPTION_GROUP = {
     **dict.fromkeys(
         ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
-         "max_length", "chat_template", "eos_token", "trust_remote_code"),
+         "max_length", "chat_template", "eos_token", "trust_remote_code", "prompt_field",
+         "chosen_field", "rejected_field"),
         "inputs",
     ),
     **dict.fromkeys(
@@ -103,12 +107,23 @@ OPTION_GROUP = {
     **dict.fromkeys(("temperature", "top_k", "top_p"), "generation"),
     "response_tokens": ("generation", "preference data"),  # train-reward samples pairs with it
     **dict.fromkeys(("seed", "device", "cache_dir", "resume", "gold"), "run"),
+    **dict.fromkeys(
+        ("advantage_estimator", "samples_per_prompt", "gamma", "lam", "loss_aggregation",
+         "value_model", "whiten_rewards"),
+        "advantages",
+    ),
+    **dict.fromkeys(
+        ("rollout_batch_size", "gradient_checkpointing", "dtype", "fp32_lm_head", "shard",
+         "gather_for_sampling"),
+        "memory and speed",
+    ),
     **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
 }  # fmt: skip
 OPTION_GROUP_BY_PREFIX = {
     ("eval_",): ("evaluation",),
     ("kl_", "adaptive_kl", "target_kl"): ("KL penalty",),
-    ("lora", "micro_batch", "grad_accum", "gradient_accumulation"): ("PPO", "training"),
+    ("lora",): ("LoRA", "PPO", "training"),
+    ("micro_batch", "grad_accum", "gradient_accumulation"): ("memory and speed", "PPO", "training"),
 }
 OPTION_GROUP_BY_CLASS = {
     "PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training", "DPOConfig": "training",
@@ -163,11 +178,14 @@ def add_config_arguments(
     cls: type,
     skip: tuple[str, ...] = (),
     groups: dict[str, str] | None = None,
+    hidden: tuple[str, ...] = (),
 ) -> None:
     """One `--option` per dataclass field, typed, with the field's default and docstring.
 
     With `groups` ({title: description}), the options are listed under those headings in
-    `--help` (see `option_group`); options of no group go under the last.
+    `--help` (see `option_group`); options of no group go under the last. `hidden` options are
+    parsed but not listed: the command can only refuse them, and its refusal says why better
+    than a help line could.
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -184,7 +202,9 @@ def add_config_arguments(
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = docs.get(f.name, "")
-        if tp is bool:
+        if f.name in hidden:
+            target.add_argument(flag, type=tp, default=default, help=argparse.SUPPRESS)
+        elif tp is bool:
             target.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
@@ -198,6 +218,30 @@ def add_config_arguments(
             target.add_argument(
                 flag, type=tp, default=default, metavar=f.name.upper(), help=help_text + shown
             )
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (automatic) or a positive count, got {text!r}")
+    return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads`, in the command's "run" group where it has one."""
+    groups = {g.title: g for g in parser._action_groups}  # argparse keeps no public index
+    groups.get("run", parser).add_argument(
+        "--threads",
+        type=_threads,
+        default=0,
+        metavar="N",
+        help="CPU threads for torch (default: 0, as many cores as are idle when the command "
+        "starts; a busy machine gets fewer, since a thread whose core another job holds stalls "
+        "every op it takes part in; $OMP_NUM_THREADS, when set, is used as given)",
+    )
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **overrides):

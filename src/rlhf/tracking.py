@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import machine
 from .data import JsonlWriter, atomic_write_json
 
 
@@ -47,6 +48,8 @@ def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> 
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        **({"threads_chosen": machine.CHOSEN} if machine.CHOSEN else {}),
         **(extra or {}),
     }
     atomic_write_json(Path(out_dir) / "config.json", payload)

@@ -19,12 +19,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import check_samples_per_prompt
 from ..data import atomic_write_json, read_jsonl
-from ..errors import ConfigError
 from ..rl.checkpoint import option_flag
 from ..rl.config import GROUP_ESTIMATORS, PPORunConfig
 from ..rl.run import train_ppo
@@ -32,86 +29,7 @@ from ..tracking import option_changes
 from .frontier_plot import LABELS, plot_methods
 from .hacking import window_means
 from .sweep import best_of_n_curve, fit_functional_form
-
-RL_METHODS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")
-METHODS = (*RL_METHODS, "dpo", "best_of_n")
-
-
-@dataclass
-class SweepPlan:
-    """What `rlhf sweep` runs."""
-
-    methods: list[str] = field(default_factory=lambda: ["gae", "best_of_n"])
-    kl_coefs: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1, 0.3])
-    dpo_betas: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])
-    seeds: int = 1
-    steps: int = 60
-    sequences: int = 64
-    samples_per_prompt: int = 4
-    bon_prompts: int = 64
-    bon_n_max: int = 64
-
-
-@dataclass
-class SweepConfig:
-    """Options of `rlhf sweep`."""
-
-    algos: str = "gae,best_of_n"
-    """comma-separated methods, from gae,rloo,grpo,dr_grpo,reinforce_pp,dpo,best_of_n"""
-    kl_coefs: str = "0,0.01,0.03,0.1,0.3"
-    """comma-separated KL coefficients of the RL methods"""
-    dpo_betas: str = "0.03,0.1,0.3"
-    """comma-separated DPO betas"""
-    seeds: int = 1
-    """seeds per setting: --seed, --seed + 1, ..."""
-    steps: int = 60
-    """steps per RL run"""
-    lr: float = 1e-4
-    """learning rate of the RL runs"""
-    sequences: int = 64
-    """responses sampled per RL step, for every method"""
-    samples_per_prompt: int = 4
-    """k for rloo, grpo and dr_grpo: --sequences / k prompts, k samples each"""
-    out: str = "runs/sweep"
-    """output folder: sweep.png, sweep.json and one folder per run"""
-    seed: int = 0
-    """first seed"""
-    cache_dir: str | None = None
-    """cache for the built-in base and reward models"""
-
-    def plan(self) -> SweepPlan:
-        """The plan these options describe; a bad option is a one-line `ConfigError`."""
-        methods = [m.strip() for m in self.algos.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise ConfigError(
-                f"--algos: unknown method {unknown[0] if unknown else self.algos!r}; choose from "
-                f"{','.join(METHODS)}"
-            )
-        for name in ("steps", "seeds", "sequences"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        if any(m in GROUP_ESTIMATORS for m in methods):
-            check_samples_per_prompt(
-                self.samples_per_prompt, self.sequences, "a group method of --algos"
-            )
-        return SweepPlan(
-            methods=methods, kl_coefs=_numbers(self.kl_coefs, "--kl-coefs"),
-            dpo_betas=_numbers(self.dpo_betas, "--dpo-betas"), seeds=self.seeds, steps=self.steps,
-            sequences=self.sequences, samples_per_prompt=self.samples_per_prompt,
-        )  # fmt: skip
-
-
-def _numbers(text: str, option: str) -> list[float]:
-    try:
-        numbers = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(
-            f"{option}: expected comma-separated numbers such as 0,0.03,0.1, got {text!r}"
-        ) from None
-    if not numbers or any(not math.isfinite(c) or c < 0 for c in numbers):
-        raise ConfigError(f"{option}: expected one or more numbers >= 0, got {text!r}")
-    return numbers
+from .sweep_config import RL_METHODS, SweepPlan
 
 
 def run_name(method: str, coef: float, seed: int) -> str:

@@ -2,5 +2,6 @@
 
 preferences  `create_preference_dataset` (pairs sampled and labelled by the gold judge)
 loss         `reward_model_loss`, scoring texts, held-out evaluation
-train        `RewardConfig`, `train_reward` (`rlhf train-reward`)
+config       `RewardConfig`, the options of `rlhf train-reward`
+train        `train_reward` (`rlhf train-reward`; `RewardConfig` importable from here too)
 """

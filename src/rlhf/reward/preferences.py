@@ -69,7 +69,9 @@ def create_preference_dataset(
     doubled = [p for p in prompts for _ in range(2)]
     texts, ended, gold = [], [], []
     bar = progress_bar(
-        total=len(prompts), desc="sample and label preference pairs", unit="pair",
+        total=len(prompts), unit="prompt",
+        # More prompts than pairs: the spare covers pairs dropped for two identical responses.
+        desc=f"sample and label pairs ({len(prompts):,} prompts for {n_pairs:,} pairs)",
         disable=not progress, leave=False,
     )  # fmt: skip
     # Chunks of SAMPLE_BATCH texts, the batch size `sample_texts` uses itself, so the samples are

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
-from ..models.lora import LoraArgs
+from ..models.lora_args import LoraArgs
 
 KLEstimatorChoice = Literal["auto", "k1", "k2", "k3", "exact"]
 CRITIC_FREE = ("rloo", "grpo", "dr_grpo", "reinforce_pp")

@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast and never fights a busy machine
+# The CLI's --threads auto follows $OMP_NUM_THREADS when it is set, so that runs made in-process
+# here use one thread as the torchrun workers they are compared with do (sums in bf16 depend on it).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # Eight prompts of different lengths, so every batch of them is left-padded.
 PROMPTS = [

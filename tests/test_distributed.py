@@ -182,12 +182,14 @@ def metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-def assert_same_metrics(got: list[dict], want: list[dict], steps: int = STEPS) -> None:
+def assert_same_metrics(
+    got: list[dict], want: list[dict], steps: int = STEPS, tolerance: float = TOLERANCE
+) -> None:
     assert [r["step"] for r in got] == list(range(steps)), [r["step"] for r in got]
     for a, b in zip(got, want):
         assert a.keys() == b.keys()
         for key in a:
-            assert a[key] == pytest.approx(b[key], abs=TOLERANCE, rel=TOLERANCE), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], abs=tolerance, rel=tolerance), (a["step"], key)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from test_distributed import (
+    TOLERANCE,
     assert_same_metrics,
     launch,
     metrics,
@@ -116,7 +117,12 @@ def test_two_processes_match_one_process(inputs, tmp_path, name):
     )
     assert code == 0, log[-3000:]
     got = metrics(two)
-    assert_same_metrics(got, want, steps=STEPS)
+    # bf16 keeps 8 bits of mantissa (relative step 2**-8 = 0.4%), and how its sums round depends on
+    # the CPU's kernels (AVX2 and AMX-BF16 give different last bits); after a few updates the two
+    # runs differ by about one such step (grad norm 0.4% at step 2 on an AMX machine). Held to 1%
+    # in bf16, 1e-4 in fp32: a mistake in how the processes share the batch is off by far more.
+    tolerance = 1e-2 if "bfloat16" in extra else TOLERANCE
+    assert_same_metrics(got, want, steps=STEPS, tolerance=tolerance)
 
     # The configuration was in effect: as resolved in the run's config, and in what it logged.
     config = json.loads((two / "config.json").read_text())

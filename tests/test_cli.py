@@ -112,8 +112,14 @@ def test_busy_cores_sees_a_burner():
     burner gets a share of a core, and the count only grows with the rest of the load)."""
     if machine._cpu_times() is None:
         pytest.skip("no /proc/stat here")
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
+        assert (
+            burner.stdout.readline() == "spinning\n"
+        )  # it spins from here on, however slow its start
         busy = machine.busy_cores(sample_s=0.5)
     finally:
         burner.kill()
@@ -125,12 +131,15 @@ def test_threads_option_wins(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
+        torch.set_num_threads(2)  # so that each call below has to change it
         _set_threads(1)
         assert torch.get_num_threads() == 1
         assert machine.CHOSEN == "--threads"
+        torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         _set_threads(0)  # automatic, but the environment says 1
         assert torch.get_num_threads() == 1
+        assert machine.CHOSEN == "$OMP_NUM_THREADS"
     finally:
         torch.set_num_threads(before)
         machine.CHOSEN = None

@@ -37,7 +37,7 @@ from .rl.dpo_config import DPOConfig
 DEMO_EXAMPLES = """\
 examples:
   rlhf demo                      reward model, PPO with and without the KL penalty, side runs, plots
-                                 and runs/demo/report.md (about 4 minutes on 2 quiet cores)
+                                 and runs/demo/report.md (minutes on 2 quiet cores)
   rlhf demo --quick              the same pipeline at smoke size, in runs/demo-quick
   rlhf demo --seed 1 --out runs/demo-seed1
                                  another seed, beside the first (a rerun reuses the cached models)
@@ -405,8 +405,9 @@ def _set_threads(requested: int) -> None:
 
     env = os.environ.get("OMP_NUM_THREADS", "")
     if not requested and env.isdigit() and int(env) > 0:
-        requested = int(env)  # torchrun sets 1; a user who set it meant it
-    threads, why = machine.choose_threads(requested, torch.get_num_threads())
+        threads, why = int(env), "$OMP_NUM_THREADS"  # torchrun sets 1; a user who set it meant it
+    else:
+        threads, why = machine.choose_threads(requested, torch.get_num_threads())
     torch.set_num_threads(threads)
     machine.CHOSEN = why
 

@@ -3,9 +3,9 @@
 torch starts one intra-op thread per core. On a machine other jobs share, that is the wrong number:
 an op splits its work over all the threads and then waits for the slowest, and a thread whose
 core is taken waits for the scheduler, so every op runs at the speed of its most descheduled
-part. Measured on 2 cores beside two CPU-burning processes (benchmarks/busy_machine.py), 2 threads
-made `rlhf demo` several times slower than 1 thread did; on a quiet machine 2 threads are faster.
-So by default a command counts the cores that are idle at its start, over a short window, and uses
+part. On 2 cores, a DPO run went from about 9 s to 1 s a step the moment one competing job ended
+(issue 23); `benchmarks/busy_machine.py` times `rlhf demo` quiet and beside CPU burners at 1, 2
+and automatic threads. So by default a command counts the cores that are idle at its start, over a short window, and uses
 that many threads (at least one, at most torch's own default).
 
 Nothing here imports torch: the CLI decides before it loads any model.

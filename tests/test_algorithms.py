@@ -179,6 +179,17 @@ def test_each_estimator_learns_a_toy_reward(tiny_tokenizer, estimator):
             "--value-model reward",
         ),
         (dict(samples_per_prompt=3, minibatch_size=8), "must divide the 12 sequences of a step"),
+        (
+            dict(batch_size=7, minibatch_size=4),
+            r"--minibatch-size 4 must divide --batch-size 7 "
+            r"\(for example --minibatch-size 7, or --batch-size 8\)$",
+        ),
+        (
+            dict(batch_size=4, samples_per_prompt=3, minibatch_size=8),
+            r"the 12 sequences of a "
+            r"step \(--batch-size x --samples-per-prompt\) \(for example --minibatch-size 6, or "
+            r"--batch-size 8\)$",
+        ),
     ],
 )
 def test_bad_estimator_options_are_refused_in_one_line(options, message):

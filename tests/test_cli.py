@@ -44,7 +44,7 @@ def test_a_misspelt_command_is_named(capsys):
     assert "did you mean 'ppo'?" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["demo", "train-reward", "ppo", "dpo", "plot", "sweep"])
+@pytest.mark.parametrize("command", ["demo", "sft", "train-reward", "ppo", "dpo", "plot", "sweep"])
 def test_every_command_help_ends_with_examples(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])

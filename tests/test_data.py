@@ -121,8 +121,17 @@ BAD_PREFERENCES = [
     ('{"prompt": "p", "chosen": "a" "rejected": "b"}', None, "not valid JSON: Expecting ','"),
     ("[1, 2]", None, "must be a JSON object {...}, got array [1, 2]"),
     ('"just a string"', None, "got string 'just a string'"),
-    ("{}", "chosen", "missing, as is 'rejected'"),
-    ('{"prompt": "p", "chosen": "a"}', "rejected", "missing; a record needs"),
+    ("{}", "chosen", "missing, as is 'rejected' (the record's fields: none)"),
+    (
+        '{"q": "p", "good": "a", "bad": "b"}',
+        "chosen",
+        "(the record's fields: 'q', 'good', 'bad'); a record needs {[prompt, ]chosen, rejected[, margin]} or {prompt, response_A, response_B, preference}; other names: --prompt-field, --chosen-field, --rejected-field",
+    ),
+    (
+        '{"prompt": "p", "chosen": "a"}',
+        "rejected",
+        "missing (the record's fields: 'prompt', 'chosen'); a record needs",
+    ),
     ('{"prompt": "p", "response_A": "a", "response_B": "b"}', "preference", "missing"),
     ('{"response_A": "a", "response_B": "b", "preference": "A"}', "prompt", "missing"),
     ('{"prompt": "p", "response_A": "a", "preference": "A"}', "response_B", "missing"),
@@ -162,7 +171,7 @@ def test_bad_record_names_file_line_and_field(
     path.write_text(OK + line + "\n" + jsonl(COMMON))
     msg = raises_input_error(read_preferences, path, 3, field)
     assert words in msg
-    assert len(msg) < 250  # long offending values are cut
+    assert len(msg) - len(str(path)) < 300  # long offending values are cut
 
 
 def test_long_offending_value_is_truncated(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def test_parquet_named_jsonl_is_read_as_parquet(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "content"),
     [
-        ("prefs.csv", b"prompt,chosen,rejected\nthe plot,great,dull\n"),
+        ("prefs.xlsx", b"PK\x03\x04"),
         ("prefs.txt", b"the plot was great\n"),
         ("prefs.jsonl.gz", b"\x1f\x8b\x08\x00"),
         ("prefs", b"prompt\tchosen\n"),
@@ -139,12 +139,39 @@ def test_unknown_format_names_the_formats_read(tmp_path: Path, name: str, conten
     assert "UTF-8" not in msg and "not valid JSON" not in msg
 
 
-def test_prompts_from_a_csv_name_the_formats_and_text_is_still_text(tmp_path: Path) -> None:
+def test_preferences_from_csv_and_tsv(tmp_path: Path) -> None:
+    csv = tmp_path / "prefs.csv"
+    csv.write_text(
+        'prompt,chosen,rejected,margin\nthe plot,"was great, really",was dull,1.5\n\n'
+        '"the film\nitself",moved me,bored me,\n'
+    )
+    first, second = read_preferences(csv)
+    assert (first.prompt, first.chosen, first.margin) == ("the plot", "was great, really", 1.5)
+    assert (second.prompt, second.margin, second.source) == ("the film\nitself", None, f"{csv}:5")
+    tsv = tmp_path / "prefs.tsv"
+    tsv.write_text("q\tgood\tbad\nthe plot\twas great\twas dull\n")
+    (pair,) = read_preferences(tsv, prompt_field="q", chosen_field="good", rejected_field="bad")
+    assert pair.chosen == "was great"
+    for text, words in [
+        ("prompt,chosen,rejected\nthe plot,great\n", ":2: has 2 cells where the header names 3 columns"),
+        ("prompt,chosen,rejected,margin\np,a,b,lots\n", ":2: field 'margin': expected a number, got string 'lots'"),
+        ("prompt,prompt,rejected\n", ":1: names column 'prompt' twice in its header"),
+        ("", ": is empty; expected a header row naming the columns"),
+        ("q,good,bad\np,a,b\n", ": has no column 'chosen' (its columns: q, good, bad)"),
+    ]:  # fmt: skip
+        csv.write_text(text)
+        assert one_line_error(read_preferences, csv).startswith(f"{csv}{words}")
+
+
+def test_prompts_from_a_csv_and_text_is_still_text(tmp_path: Path) -> None:
     csv = tmp_path / "prompts.csv"
-    csv.write_text("prompt\nthe plot\n")
-    msg = one_line_error(read_prompts, csv)
-    assert msg.startswith(f"{csv}: cannot read .csv files as prompts; ")
-    assert ".parquet" in msg and "plain text, one prompt per line" in msg
+    csv.write_text('prompt,id\nthe plot,1\n"the film, which was long",2\n')
+    assert read_prompts(csv) == ["the plot", "the film, which was long"]
+    xlsx = tmp_path / "prompts.xlsx"
+    xlsx.write_bytes(b"PK\x03\x04")
+    msg = one_line_error(read_prompts, xlsx)
+    assert msg.startswith(f"{xlsx}: cannot read .xlsx files as prompts; ")
+    assert ".csv or .tsv" in msg and "plain text, one prompt per line" in msg
     text = tmp_path / "prompts.txt"
     text.write_text('{"looks": "like json"}\nthe plot\n')
     assert read_prompts(text) == ['{"looks": "like json"}', "the plot"]
@@ -490,8 +517,8 @@ def test_train_reward_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, cap
         words = f"{data}: row 1 (0-based): field 'rejected': expected a string, got null"
     elif case == "csv":
         data = tmp_path / "p.csv"
-        data.write_text("prompt,chosen,rejected\n")
-        words = f"{data}: cannot read .csv files as preference data"
+        data.write_text("prompt,chosen,rejected\nthe plot,great,dull\nthe film,good,\n")
+        words = f"{data}:3: field 'rejected': is empty"
     elif case in ("no-template", "builtin-model"):
         data = write_parquet(
             tmp_path / "c.parquet", [CONVERSATION, {**CONVERSATION, "chosen": [bot("ok")]}]

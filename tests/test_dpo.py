@@ -164,7 +164,35 @@ def test_dpo_cli_smoke(tmp_path, tiny_model_dir, capsys) -> None:
     for name in ("dpo_eval.json", "config.json", "metrics.jsonl", "policy/config.json"):
         assert (out / name).is_file(), name
     assert list((out / "policy").glob("*.safetensors"))
+    # Responses to held-out prompts from the policy and the reference, beside the data's chosen.
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["prompt"].endswith(" was") for s in samples)
+    assert all({"policy", "reference", "chosen"} <= set(s) for s in samples)
+    assert any(s["policy"] != s["reference"] for s in samples)
     assert json.loads((out / "config.json").read_text())["loss_type"] == "ipo"
+
+
+def test_dpo_reads_renamed_fields(tmp_path, tiny_model_dir, capsys) -> None:
+    data = tmp_path / "renamed.jsonl"
+    _write_pairs(data)
+    renamed = [
+        {"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}
+        for r in map(json.loads, data.read_text().splitlines())
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in renamed))
+    base = ["dpo", "--data", str(data), "--model", str(tiny_model_dir), "--epochs", "1",
+            "--batch-size", "16", "--eval-samples", "0"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "renamed.jsonl:1: field 'chosen': missing" in err and len(err.strip().splitlines()) == 1
+    out = tmp_path / "yes"
+    fields = ["--prompt-field", "question", "--chosen-field", "good", "--rejected-field", "bad"]
+    assert main([*base, *fields, "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["prompt_field"], saved["chosen_field"], saved["rejected_field"]) == (
+        "question", "good", "bad",
+    )  # fmt: skip
+    assert json.loads((out / "dpo_eval.json").read_text())["n_train_pairs"] == 36
 
 
 @pytest.mark.parametrize(
@@ -176,6 +204,7 @@ def test_dpo_cli_smoke(tmp_path, tiny_model_dir, capsys) -> None:
         (["--label-smoothing", "0.1", "--loss-type", "ipo"], "--label-smoothing applies to --loss-type sigmoid only"),
         (["--data", "MISSING"], "MISSING"),
         (["--model", "NOPE"], "model folder does not exist"),
+        (["--chosen-field", "prompt"], "--prompt-field, --chosen-field and --rejected-field must be three different names"),
     ],
 )  # fmt: skip
 def test_bad_options_are_one_line_exit_2_and_write_nothing(

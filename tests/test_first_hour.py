@@ -173,10 +173,12 @@ def test_plot_a_folder_of_runs_plots_each_and_names_them(tmp_path, capsys):
     _write_run(tmp_path / "demo" / "rm", [{"step": 1, "reward/loss": 0.6}])  # a reward-model run
     assert main(["plot", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "has no metrics.jsonl; plotting the 2 runs inside it: no_kl, with_kl" in out
+    assert "has no metrics.jsonl; plotting the 3 runs inside it: no_kl, rm, with_kl" in out
     for run in ("with_kl", "no_kl"):
         assert (tmp_path / "demo" / run / "reward_kl_tradeoff.png").is_file()
         assert f"wrote {tmp_path / 'demo' / run / 'reward_kl_tradeoff.png'}" in out
+    # A reward-model run gets its training curves, not PPO's figures.
+    assert f"wrote {tmp_path / 'demo' / 'rm' / 'training_curves.png'}" in out
     assert not (tmp_path / "demo" / "rm" / "reward_kl_tradeoff.png").exists()
 
 
@@ -423,3 +425,44 @@ def test_a_new_log_replaces_the_folders_tensorboard_files(tmp_path):
     with RunLogger(tmp_path, append=True) as logger:  # a resumed run adds to its own log
         logger.log(1, {"reward/loss": 0.4})
     assert len(_events(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that learns nothing says so: the stall warning, and LoRA's own default learning rate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stalled_warns_once_after_ten_flat_steps():
+    from rlhf.rl.config import PPORunConfig
+    from rlhf.rl.run import STALL_STEPS, stalled
+
+    full, lora = PPORunConfig(lr=3e-5), PPORunConfig(lora_r=8, lr=3e-5)
+    flat = [0.002, -0.004, 0.001] + [0.003] * (STALL_STEPS - 3)
+    assert "try a larger --lr than 3e-05" in stalled(flat, full)
+    assert "a LoRA adapter needs a larger --lr" in stalled(flat, lora)
+    assert "KL at most 0.004 nats" in stalled(flat, full)  # |k1| counts: it can dip below 0
+    assert stalled(flat[:-1], full) is None and stalled([*flat, 0.0], full) is None  # once
+    assert stalled([*flat[:-1], 0.02], full) is None  # it moved
+
+
+def test_a_lora_run_gets_ten_times_the_learning_rate(tmp_path):
+    from rlhf.rl.config import PPO_LORA_LR, PPO_LR, PPORunConfig
+
+    for lora_r, lr in ((0, PPO_LR), (8, PPO_LORA_LR)):
+        cfg = PPORunConfig(lora_r=lora_r)
+        cfg.validate()
+        assert cfg.lr == lr
+    assert PPO_LORA_LR == pytest.approx(10 * PPO_LR)
+    given = PPORunConfig(lora_r=8, lr=1e-3)
+    given.validate()
+    assert given.lr == 1e-3
+
+
+def test_a_ppo_run_that_does_not_move_is_warned_about(tmp_path, inputs, capsys):
+    out = tmp_path / "still"
+    assert main(_ppo(inputs, out, "--steps", "10", "--lr", "1e-12")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("the policy has hardly moved from the reference") == 1, printed
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-12
+    assert main(_ppo(inputs, tmp_path / "moves", "--steps", "10", "--lr", "3e-3")) == 0
+    assert "hardly moved" not in capsys.readouterr().out

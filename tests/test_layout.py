@@ -25,6 +25,7 @@ RANKS = {
     "rlhf.models": 1,
     "rlhf.task": 2,
     "rlhf.reward": 3,
+    "rlhf.sft": 3,
     "rlhf.rl": 4,
     "rlhf.analysis": 5,
     "rlhf.pipeline": 6,

@@ -207,3 +207,33 @@ def test_plot_run_dir_writes_both_figures(tmp_path):
     assert not list(run.glob(".*tmp*"))  # atomic writes leave no temporary files
     with pytest.raises(InputError):
         plots.plot_run_dir(tmp_path / "missing")
+
+
+def test_training_curves_of_dpo_sft_and_reward_runs(tmp_path):
+    from rlhf.analysis.curves import plot_training_curves, run_kind
+
+    dpo = [{"step": 0, "dpo/eval_accuracy": 0.0, "dpo/eval_loss": math.log(2)}]
+    dpo += [
+        {"step": s, "dpo/loss": 0.69 - 0.02 * s, "dpo/accuracy": 0.5 + 0.01 * s,
+         "dpo/margin": 0.1 * s, "dpo/chosen_reward": 0.05 * s, "dpo/rejected_reward": -0.05 * s}
+        for s in range(1, 21)
+    ]  # fmt: skip
+    dpo.append({"step": 20, "dpo/eval_accuracy": 0.8, "dpo/eval_loss": 0.4})  # the same step
+    run = write_run(tmp_path / "dpo", dpo)
+    assert run_kind(plots.load_history(run, required=())) == "dpo"
+    assert plots.plot_run_dir(run) == [run / "training_curves.png"]
+    assert_png(run / "training_curves.png")
+    fig = plot_training_curves(run)
+    held_out = [ln for ln in fig.axes[1].get_lines() if ln.get_label() == "held-out"]
+    assert [list(held_out[0].get_xdata()), list(held_out[0].get_ydata())] == [[0, 20], [0.0, 0.8]]
+    raw_loss = next(
+        ln for ln in fig.axes[0].get_lines() if ln.get_label() == "training batch (raw)"
+    )
+    assert list(raw_loss.get_ydata()) == column(dpo, "dpo/loss")
+    # The row logged twice at step 20 keeps both its training and its held-out values.
+    assert plots.load_history(run, required=())[-1]["dpo/loss"] == dpo[-2]["dpo/loss"]
+    sft = write_run(tmp_path / "sft", [{"step": s, "sft/loss": 3.0 / (s + 1)} for s in range(5)])
+    fig = plot_training_curves(sft)
+    assert [ax.get_title(loc="left") for ax in fig.axes if ax.get_visible()] == ["Loss"]
+    with pytest.raises(InputError, match="holds no SFT, reward-model or DPO metrics"):
+        plot_training_curves(history(5))

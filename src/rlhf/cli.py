@@ -23,6 +23,7 @@ from .cli_options import (
     PPO_HELP_GROUPS,
     REWARD_EXAMPLES,
     REWARD_HELP_GROUPS,
+    SFT_HELP_GROUPS,
     add_config_arguments,
     add_threads_argument,
     config_from_args,
@@ -33,6 +34,7 @@ from .errors import RLHFError
 from .reward.config import RewardConfig
 from .rl.config import PPORunConfig
 from .rl.dpo_config import DPOConfig
+from .sft.config import SFTConfig
 
 DEMO_EXAMPLES = """\
 examples:
@@ -55,9 +57,22 @@ examples:
                                  IPO's squared loss instead of DPO's logistic one
 """
 
+SFT_EXAMPLES = """\
+examples:
+  rlhf sft --data docs/examples/sft-reviews.jsonl --lr 1e-3 --out runs/sft
+                                 the built-in base model on a small prompt/completion file
+  rlhf sft --model ./my-base --data chats.jsonl --lora-r 16 --out runs/sft
+                                 your base model on conversations ({"messages": [...]}), with LoRA;
+                                 the loss is on the assistant turns
+  rlhf train-reward --model runs/sft/model --data prefs.jsonl --out runs/rm
+  rlhf ppo --model runs/sft/model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
+                                 then the reward model and PPO start from the SFT model
+"""
+
 PLOT_EXAMPLES = """\
 examples:
   rlhf plot runs/ppo             the reward/KL trade-off and the diagnostics of one PPO run
+  rlhf plot runs/dpo             the loss, accuracy and implicit rewards of a DPO run
   rlhf plot runs/demo            every run inside the demo's folder
 """
 
@@ -143,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None, help="cache for the built-in base model")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
 
+    sft = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning: teach a base model to imitate examples (the first stage)",
+        description=wrap(
+            "Fine-tune a causal language model on examples to imitate, by next-token cross-entropy "
+            "on the completions (or the assistant's turns) only. Reads TRL's forms: {\"text\"}, "
+            '{"prompt", "completion"} and {"messages"} (rendered with the chat template). '
+            "Writes model/ (what train-reward, ppo and dpo take as --model), config.json, "
+            "metrics.jsonl, sft_eval.json (held-out loss before and after) and samples.jsonl to --out."
+        ),
+        usage="rlhf sft --data FILE [options]",
+        epilog=SFT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(sft, SFTConfig, groups=SFT_HELP_GROUPS)
+
     reward = sub.add_parser(
         "train-reward",
         help="train a reward model from preference pairs",
@@ -192,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser(
         "plot",
-        help="draw the reward/KL trade-off and training diagnostics of a finished run",
+        help="draw a finished run: PPO's reward/KL trade-off and diagnostics, other runs' curves",
         description=wrap(
-            "Read RUN_DIR/metrics.jsonl and write reward_kl_tradeoff.png and training_diagnostics.png "
-            "beside it. A folder of runs (such as runs/demo) has every PPO run inside it plotted."
+            "Read RUN_DIR/metrics.jsonl and draw it beside it: a PPO run's reward_kl_tradeoff.png and "
+            "training_diagnostics.png, an SFT, reward-model or DPO run's training_curves.png. A folder "
+            "of runs (such as runs/demo) has every run inside it plotted."
         ),
         epilog=PLOT_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -203,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "run_dir",
         metavar="RUN_DIR",
-        help="output folder of `rlhf ppo`, or a folder of such folders",
+        help="output folder of `rlhf ppo`, `sft`, `train-reward` or `dpo`, or a folder of such folders",
     )
 
     sweep = sub.add_parser(
@@ -230,6 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
+def _run_sft(args) -> None:
+    from .sft.train import train_sft
+
+    cfg = config_from_args(SFTConfig, args)
+    result = train_sft(cfg)
+    out = Path(cfg.out)
+    before, after = result["before"], result["after"]
+    samples = f"\n  samples: {out / 'samples.jsonl'}" if (out / "samples.jsonl").is_file() else ""
+    adapter = f"\n  adapter: {out / 'adapter'}" if cfg.lora_r else ""
+    print(
+        f"SFT: {_count(result['steps'], 'step')} in {result['seconds']:.0f} s; held-out loss "
+        f"{before['loss']:.3f} -> {after['loss']:.3f} per token (perplexity {before['perplexity']:.1f} "
+        f"-> {after['perplexity']:.1f}) on {_count(result['n_eval'], 'example')}\n"
+        f"  model:   {out / 'model'} (give it to train-reward, ppo or dpo as --model){adapter}\n"
+        f"  eval:    {out / 'sft_eval.json'}\n"
+        f"  metrics: {out / 'metrics.jsonl'}{samples}"
+    )
 
 
 def _run_train_reward(args) -> None:
@@ -338,6 +389,7 @@ def _run_sweep(args) -> None:
 
 COMMANDS = {
     "demo": _run_demo,
+    "sft": _run_sft,
     "train-reward": _run_train_reward,
     "ppo": _run_ppo,
     "dpo": _run_dpo,

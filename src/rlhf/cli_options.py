@@ -21,6 +21,7 @@ examples:
   rlhf demo                      the whole story on the built-in task: reward model, PPO with and
                                  without the KL penalty, plots and runs/demo/report.md (about 5 minutes)
   rlhf demo --quick              the same pipeline at smoke size, in runs/demo-quick (under a minute)
+  rlhf sft --model ./my-base --data examples.jsonl --out runs/sft
   rlhf train-reward --out runs/rm
   rlhf train-reward --data prefs.jsonl --model ./my-sft-model --out runs/rm
   rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
@@ -94,15 +95,23 @@ DPO_HELP_GROUPS = {
     "evaluation": "held-out pairs, and gold and KL on fresh samples (built-in task)",
     "run": "seed, device and cache",
 }
+SFT_HELP_GROUPS = {
+    "inputs": "the examples and the model to start from",
+    "outputs": "what is written to --out",
+    "training": "the cross-entropy loss and its optimisation",
+    "LoRA": "train low-rank adapters instead of every weight",
+    "run": "seed, device and cache",
+}
 OPTION_GROUP = {
     **dict.fromkeys(
         ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
          "max_length", "chat_template", "eos_token", "trust_remote_code", "prompt_field",
-         "chosen_field", "rejected_field"),
+         "chosen_field", "rejected_field", "text_field", "completion_field", "messages_field"),
         "inputs",
     ),
     **dict.fromkeys(
-        ("out", "sample_every", "save_every", "keep_checkpoints", "merge_lora"), "outputs"
+        ("out", "sample_every", "save_every", "keep_checkpoints", "merge_lora", "sample_prompts",
+         "sample_tokens"), "outputs"
     ),
     **dict.fromkeys(("temperature", "top_k", "top_p"), "generation"),
     "response_tokens": ("generation", "preference data"),  # train-reward samples pairs with it
@@ -127,6 +136,7 @@ OPTION_GROUP_BY_PREFIX = {
 }
 OPTION_GROUP_BY_CLASS = {
     "PPOConfig": "PPO", "PPORunConfig": "run", "RewardConfig": "training", "DPOConfig": "training",
+    "SFTConfig": "training",
 }  # fmt: skip
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from ..data import atomic_write_json, atomic_write_text, read_jsonl
 from ..rl.config import PPORunConfig
 from ..rl.run import train_ppo
+from .series import trailing_means
 
-WINDOW = 5
 # One colour per demo run, the same in every figure (hacking.png, kl_coefs.png).
 RUN_COLORS = {"with_kl": "#1f77b4", "no_kl": "#d62728", "large_kl": "#2ca02c"}
 RUN_METRICS = {
@@ -30,27 +30,24 @@ RUN_METRICS = {
 }
 
 
-def window_means(values: list[float], k: int = WINDOW) -> list[float]:
-    return [
-        sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
-        for i in range(len(values))
-    ]
+window_means = trailing_means
 
 
 def summarise_run(rows: list[dict]) -> dict:
     """Final (last-window mean) and peak values of a run's metrics, and the step of the gold peak."""
     out: dict = {"steps": len(rows)}
     for name, key in RUN_METRICS.items():
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if not values:
+        logged = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if not logged:
             continue
-        smoothed = window_means(values)
+        steps, values = zip(*logged)
+        smoothed = window_means(list(values))
         out[name] = smoothed[-1]
         out[f"initial_{name}"] = values[0]
         if name in ("gold", "reward"):
             peak = max(range(len(smoothed)), key=smoothed.__getitem__)
             out[f"peak_{name}"] = smoothed[peak]
-            out[f"peak_{name}_step"] = rows[peak]["step"]
+            out[f"peak_{name}_step"] = steps[peak]
     return out
 
 

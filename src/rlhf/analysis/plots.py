@@ -31,7 +31,21 @@ from matplotlib.lines import Line2D
 from ..errors import input_error
 from .series import DPI as DPI  # re-exported
 from .series import REQUIRED as REQUIRED  # re-exported
-from .series import History, Source, _draw, _grid, _has, _load, _save, _series, _style, _weight, ema
+from .series import (
+    WINDOW,
+    History,
+    Source,
+    _draw,
+    _grid,
+    _has,
+    _load,
+    _save,
+    _series,
+    _style,
+    _weight,
+    trailing_means,
+)
+from .series import ema as ema  # re-exported
 from .series import load_history as load_history  # re-exported
 
 DIAGNOSTICS = (
@@ -148,7 +162,7 @@ def plot_reward_kl_tradeoff(
         ax_r.set_ylabel("mean score per response")
         if _has(rows, "objective/gold"):
             ax_r.set_title("Reward: proxy (reward model) vs gold", loc="left")
-            _mark_gold_peak(ax_r, rows, smooth)
+            _mark_gold_peak(ax_r, rows)
         else:
             ax_r.set_title("Reward: reward-model score (proxy)", loc="left")
         ax_r.legend(handles, [h.get_label() for h in handles], loc="best")
@@ -206,16 +220,18 @@ def _penalty(rows: History) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
-def _mark_gold_peak(ax: Axes, rows: History, smooth) -> None:
-    """Annotate where the smoothed gold score peaked, if it fell clearly after: reward hacking."""
+def _mark_gold_peak(ax: Axes, rows: History) -> None:
+    """Annotate where the gold score peaked, if it fell clearly after: reward hacking. The peak is
+    that of the trailing WINDOW-step mean, as the demo report and summary.json name it (the EMA
+    drawn lags by a step or two more)."""
     x, y = _series(rows, "objective/gold")
-    s = ema(y, smooth) if _weight(smooth, len(y)) else y
+    s = np.asarray(trailing_means(list(y)))
     i = int(np.argmax(s))
     if len(s) < 5 or s[i] - s[-1] <= 0.1 * (s.max() - s.min()) or s.max() == s.min():
         return
     ax.axvline(x[i], color=COLORS["objective/gold"], lw=0.9, ls=":", alpha=0.8)
     ax.annotate(
-        f"gold peaks (step {x[i]:g})",
+        f"gold peaks (step {x[i]:g}, {WINDOW}-step mean)",
         (x[i], s[i]),
         xytext=(6, 8),
         textcoords="offset points",
@@ -344,34 +360,42 @@ def plot_diagnostics(
 
 
 def find_runs(folder: str | Path) -> list[Path]:
-    """The PPO run folders under `folder` (any depth): those whose metrics.jsonl has PPO metrics.
+    """The run folders under `folder` (any depth) whose metrics.jsonl `rlhf plot` can draw: PPO,
+    SFT, reward-model and DPO runs, such as those `rlhf demo` writes. An `InputError` if none."""
+    from .curves import KINDS
 
-    For `rlhf plot` on a folder of runs, such as the output of `rlhf demo`; a reward-model run
-    (metrics but no objective/reward) is left out. An `InputError` if there is none.
-    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise input_error(folder, "is not a folder; give the output folder of `rlhf ppo`")
+        raise input_error(folder, "is not a folder; give the output folder of a run")
+    marks = ('"objective/reward"', *(f'"{kind}/' for kind in KINDS))
     runs = []
     for metrics in sorted(folder.rglob("metrics.jsonl")):
         with open(metrics, encoding="utf-8", errors="replace") as f:
             first = f.readline()
-        if '"objective/reward"' in first:
+        if any(mark in first for mark in marks):
             runs.append(metrics.parent)
     if not runs:
         raise input_error(
             folder,
-            "has no metrics.jsonl, and no run folder inside it has PPO metrics; give the output "
-            "folder of `rlhf ppo`",
+            "has no metrics.jsonl, and no run folder inside it has the metrics of a run; give "
+            "the output folder of `rlhf ppo`, `sft`, `train-reward` or `dpo`",
         )
     return runs
 
 
 def plot_run_dir(run_dir: str | Path) -> list[Path]:
-    """`rlhf plot RUN_DIR`: write reward_kl_tradeoff.png and training_diagnostics.png into it."""
+    """`rlhf plot RUN_DIR`: a PPO run gets reward_kl_tradeoff.png and training_diagnostics.png,
+    an SFT, reward-model or DPO run training_curves.png, written into the folder."""
+    from .curves import plot_training_curves, run_kind
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise input_error(run_dir, "is not a folder; give the output folder of `rlhf ppo`")
+        raise input_error(run_dir, "is not a folder; give the output folder of a run")
+    rows, _ = _load(run_dir, required=())
+    if run_kind(rows) != "ppo":
+        path = run_dir / "training_curves.png"
+        plot_training_curves(run_dir, path)
+        return [path]
     written = [run_dir / "reward_kl_tradeoff.png"]
     plot_reward_kl_tradeoff(run_dir, written[0])
     if plot_diagnostics(run_dir, run_dir / "training_diagnostics.png") is not None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import atomic_write_text, read_jsonl
-from .hacking import WINDOW, examples_markdown
+from .hacking import examples_markdown
+from .series import WINDOW
 
 
 def _at(rows: list[dict], step: int, key: str) -> float | None:
@@ -44,12 +45,42 @@ def quality_label(
 
 
 def _sample(run_dir: Path, step: int) -> str:
+    """The first sample written at or before `step` (samples are written every few steps), with
+    the step it is from when that is an earlier one."""
     rows = [s for s in read_jsonl(run_dir / "samples.jsonl") if s["step"] <= step]
     if not rows:
         return ""
     last_step = max(s["step"] for s in rows)
     pick = next(s for s in rows if s["step"] == last_step)
-    return f"{pick['prompt']} **{pick['response']}**".replace("|", "\\|")
+    when = f"(step {last_step}) " if last_step != step else ""
+    return f"{when}{pick['prompt']} **{pick['response']}**".replace("|", "\\|")
+
+
+def kl_trend(rows: list[dict]) -> str:
+    """How the KL ended, from its last two WINDOW-step means: "settled at", "was still rising
+    at" or "was falling at" (a change of more than 5% and 0.05 nats between them counts)."""
+    kls = [r["objective/kl"] for r in rows if r.get("objective/kl") is not None]
+    if len(kls) < 2 * WINDOW:
+        return "ended at"
+    before, last = sum(kls[-2 * WINDOW : -WINDOW]) / WINDOW, sum(kls[-WINDOW:]) / WINDOW
+    if abs(last - before) <= max(0.05 * abs(before), 0.05):
+        return "settled at"
+    return "was still rising at" if last > before else "was falling at"
+
+
+def _negative_kl_note(*runs: list[dict]) -> str:
+    """A sentence for tables that show a negative KL, which readers take for a bug."""
+    if not any((r.get("objective/kl") or 0.0) < 0 for rows in runs for r in rows):
+        return ""
+    return (
+        " A KL below zero is no bug: it is estimated from the sampled tokens (k1, the mean of "
+        "log π − log π_ref), which is unbiased but can dip below 0 while the policy is still "
+        "close to the reference."
+    )
+
+
+def _compare(a: float, b: float) -> str:
+    return "above" if a > b else "below" if a < b else "equal to"
 
 
 def training_table(rows: list[dict], kl_coef: float) -> str:
@@ -86,6 +117,22 @@ def hacking_table(rows: list[dict], run_dir: Path) -> str:
             f"{label} | {gold_cell} | {distinct:.2f} | {_sample(run_dir, step)} |"
         )
     return "\n".join(lines)
+
+
+def _large_kl_sentence(big: dict, same: dict) -> str:
+    """What the large-coefficient run shows, said only as far as its numbers show it."""
+    if (
+        big["kl"] < 0.5 * same["kl"]
+        and big["reward"] - big["initial_reward"] < same["reward"] - same["initial_reward"]
+    ):
+        return (
+            "The penalty outweighs the reward, so the best policy is one that barely moves: "
+            "training costs compute and changes little."
+        )
+    return (
+        "Here the larger coefficient did not hold the policy much closer than the smaller one did; "
+        "over more steps, or with a larger coefficient, the penalty would dominate."
+    )
 
 
 def write_report(out_dir: Path, summary: dict, comparison: dict, base_info: dict, demo) -> Path:
@@ -133,12 +180,12 @@ It labelled the preference pairs; the policy never sees it.
 
 ![reward vs KL](with_kl/reward_kl_tradeoff.png)
 
-Each row is the mean over the {WINDOW} steps ending at that step. KL is per response, in nats.
+Each row is the mean over the {WINDOW} steps ending at that step. KL is per response, in nats.{_negative_kl_note(with_rows, no_rows)}
 
 {training_table(with_rows, w["kl_coef"])}
 
 The proxy reward rose from {w["initial_reward"]:.2f} to {w["reward"]:.2f} and the gold score from
-{w["initial_gold"]:.2f} to {w["gold"]:.2f}, while the KL settled at {w["kl"]:.2f} nats.
+{w["initial_gold"]:.2f} to {w["gold"]:.2f}, while the KL {kl_trend(with_rows)} {w["kl"]:.2f} nats.
 
 ## 3. Without the KL penalty: reward hacking
 
@@ -178,13 +225,13 @@ the objective that rewards sounding like the corpus.
 {big["steps"]} steps, the KL stayed at {big["kl"]:.2f} nats and the proxy reward moved only from
 {big["initial_reward"]:.2f} to {big["reward"]:.2f} (gold {big["initial_gold"]:.2f} -> {big["gold"]:.2f}),
 against {same["reward"]:.2f} (gold {same["gold"]:.2f}) for kl_coef = {same["kl_coef"]:g} after the same
-{same["steps"]} steps. The penalty outweighs the reward, so the best policy is one that barely moves:
-training costs compute and changes little. (`kl_coefs.png` shows the three coefficients together.)
+{same["steps"]} steps. {_large_kl_sentence(big, same)} (`kl_coefs.png` shows the three coefficients
+together.)
 
 **Check 3: why can't we just maximise the reward directly?** Because the reward model is a proxy:
 a finite sample of noisy comparisons of reference-policy text. Maximised without restraint, the policy
 finds the reward model's blind spots instead of better reviews: without the penalty the proxy reward
-reached {n["reward"]:.2f} (above the {w["reward"]:.2f} of the penalised run) while the gold score ended at
+reached {n["reward"]:.2f} ({_compare(n["reward"], w["reward"])} the {w["reward"]:.2f} of the penalised run) while the gold score ended at
 {n["gold"]:.2f}, {"below" if n["gold"] < w["gold"] else "not below"} the penalised run's {w["gold"]:.2f}. This is
 Goodhart's law; Gao, Schulman and Hilton (2022) measure how the gold reward first rises and then falls
 as the policy moves away from the reference.

@@ -34,6 +34,8 @@ Source = str | Path | History
 
 REQUIRED = ("objective/reward", "objective/kl")
 DPI = 140
+WINDOW = 5
+"""steps in the trailing means that decide a peak or a final value, in figures and reports alike"""
 
 
 # ---------------------------------------------------------------- reading
@@ -43,7 +45,8 @@ def load_history(source: Source, required: Sequence[str] = REQUIRED) -> list[dic
     """Metrics rows from a run folder, a `metrics.jsonl` path, or a list of dicts.
 
     Every row needs a numeric "step" and the `required` keys (their values may be null). Rows come
-    back sorted by step; when a step was logged twice (a resumed run), the later row wins.
+    back sorted by step; a step logged twice is one row, the later value of each key winning (a
+    resumed run logs its steps again; DPO and SFT log a step's held-out numbers in a row of their own).
     """
     return _load(source, required)[0]
 
@@ -78,7 +81,7 @@ def _load(source: Source, required: Sequence[str] = REQUIRED) -> tuple[list[dict
         step = row["step"]
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
             raise input_error(where, f"record {i}: expected a number, got {step!r}", field="step")
-        by_step[step] = row
+        by_step[step] = {**by_step.get(step, {}), **row}
     return [by_step[s] for s in sorted(by_step)], name
 
 
@@ -95,6 +98,14 @@ def _series(rows: History, key: str) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0), np.empty(0)
     steps, values = zip(*pairs)
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def trailing_means(values: Sequence[float], k: int = WINDOW) -> list[float]:
+    """Mean of each value and the k - 1 before it (fewer at the start)."""
+    return [
+        sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+        for i in range(len(values))
+    ]
 
 
 def _has(rows: History, key: str) -> bool:

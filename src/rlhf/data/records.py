@@ -142,8 +142,16 @@ def _missing(rec: dict, path, at: dict, f: Fields):
     wanted = (*_SEED, f.prompt) if seed and not common else (f.chosen, f.rejected)
     missing = [k for k in wanted if k not in rec]
     also = f", as {'is' if len(missing) == 2 else 'are'} {', '.join(map(repr, missing[1:]))}"
-    return _err(path, f"missing{also if missing[1:] else ''}; {_formats(f)}", **at,
-                field=missing[0])  # fmt: skip
+    msg = (f"missing{also if missing[1:] else ''} {_fields_of(rec)}; {_formats(f)}; other "
+           "names: --prompt-field, --chosen-field, --rejected-field")  # fmt: skip
+    return _err(path, msg, **at, field=missing[0])
+
+
+def _fields_of(rec: dict) -> str:
+    """ "(the record's fields: 'a', 'b')", for a message about a missing field: the usual cause is
+    a field of another name."""
+    names = ", ".join(_show(k, 24) for k in list(rec)[:6]) + (", ..." if len(rec) > 6 else "")
+    return f"(the record's fields: {names or 'none'})"
 
 
 def _shared_start(a: str, b: str) -> int:
@@ -313,7 +321,8 @@ def read_prompts(path: str | Path, *, field: str = "prompt") -> list[str | list[
     for at, value in table.records:
         rec = _object(table.name, value, **at)
         if field not in rec:
-            msg = f'missing; each record needs {{"{field}": ...}}, text or a list of messages'
+            msg = (f'missing {_fields_of(rec)}; each record needs {{"{field}": ...}}, text or a '
+                   "list of messages; name yours with --prompt-field")  # fmt: skip
             raise _err(table.name, msg, **at, field=field)
         if isinstance(rec[field], list):
             prompt = _messages(rec, field, table.name, at, reply=False)

@@ -6,6 +6,8 @@ and by name second:
   Parquet   any file that starts with Parquet's magic bytes, whatever its name
   .jsonl    one JSON object per line; messages name the 1-based line
   .json     a JSON array of objects (messages name the 0-based row), or one object per line
+  .csv/.tsv a header row naming the columns, then one record per row (messages name the line);
+            every cell is text, but for a `margin` column, whose cells are read as numbers
 Any other name holding JSON (first character `{` or `[`) is read as .json. `datasets` and `pyarrow`
 are imported only for the formats that need them, so JSONL stays fast.
 """
@@ -22,12 +24,13 @@ from .files import _BOM, _decode, _err, _json_lines, _parse_json, _read_bytes, _
 
 FORMATS = (
     ".jsonl (one JSON record per line), .json (an array of records, or one per line), "
-    ".parquet, or a folder saved with datasets' save_to_disk"
+    ".csv or .tsv (with a header row), .parquet, or a folder saved with datasets' save_to_disk"
 )
 _PARQUET_MAGIC = b"PAR1"
 _PARQUET = (".parquet", ".pq")
 _JSONL = (".jsonl", ".ndjson")
-_TABULAR = (".csv", ".tsv", ".xlsx", ".xls", ".ods")  # never read as plain-text prompts
+_DELIMITED = {".csv": ",", ".tsv": "\t"}
+_TABULAR = (".xlsx", ".xls", ".ods")  # never read as plain-text prompts
 
 
 @dataclass
@@ -61,6 +64,8 @@ def read_table(path: str | Path, what: str, plain_text_ok: bool = False) -> Tabl
         return _parquet(p)
     if suffix in _JSONL:
         return Table(str(path), [({"line": n}, v) for n, v in _json_lines(path)])
+    if suffix in _DELIMITED:
+        return _delimited(p, _DELIMITED[suffix])
     if suffix in _TABULAR:
         raise _unknown(path, suffix, what, plain_text_ok)
     data = _read_bytes(p)
@@ -104,6 +109,53 @@ def _json_document(path: str | Path, data: bytes) -> Table:
                 "[{...}, ...] or one record per line",
             ) from None  # fmt: skip
         raise
+
+
+def _delimited(path: Path, sep: str) -> Table:
+    """CSV or TSV: a header row, then records; the standard library's reader (quoted cells may
+    hold the delimiter and line breaks). Messages name the line a record ends on."""
+    import csv
+    import io
+
+    data = _read_bytes(path).removeprefix(_BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _err(path, f"is not UTF-8 text (byte {e.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    try:
+        header = next(reader, None)
+        if not header or not any(h.strip() for h in header):
+            raise _err(path, "is empty; expected a header row naming the columns")
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:
+            raise _err(path, f"names column {twice[0]!r} twice in its header", line=1)
+        records = []
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            if len(row) != len(header):
+                msg = f"has {len(row)} cells where the header names {len(header)} columns"
+                raise _err(path, msg, line=reader.line_num)
+            record: dict[str, Any] = dict(zip(header, row))
+            if "margin" in record:
+                record["margin"] = _number(record["margin"])
+            records.append(({"line": reader.line_num}, record))
+    except csv.Error as e:
+        raise _err(path, f"cannot be read as {'CSV' if sep == ',' else 'TSV'}: {e}",
+                   line=reader.line_num) from None  # fmt: skip
+    return Table(str(path), records, header)
+
+
+def _number(cell: str) -> Any:
+    """A margin cell: empty is no margin; a number is read as one; other text stays text, for the
+    record's check to refuse with its own message."""
+    if not cell.strip():
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def _first_line(error: BaseException) -> str:

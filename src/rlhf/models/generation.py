@@ -90,7 +90,7 @@ def _drop_template_bos(tokenizer, text: str) -> str:
     return text[len(bos) :] if adds_bos and text.startswith(bos) else text
 
 
-def _need_template(tokenizer, data: str, source: str) -> None:
+def need_chat_template(tokenizer, data: str, source: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(
             f"{data}: holds conversations (lists of messages), which are rendered with a chat "
@@ -120,6 +120,15 @@ def _end_at_eos(tokenizer, response: str) -> str:
     return body[: -len(eos)] if eos and body.endswith(eos) else response
 
 
+def render_messages(
+    tokenizer, messages: list[Message], where: str, generation_prompt: bool = False
+) -> str:
+    """A conversation as the chat template writes it (ready for the next reply with
+    `generation_prompt`), without a BOS that the tokenizer adds itself; `where` names the record
+    in a refusal's message."""
+    return _drop_template_bos(tokenizer, _render(tokenizer, messages, where, generation_prompt))
+
+
 def render_conversation_pairs(
     tokenizer, pairs: list[PreferencePair], data: str, source: str = "the tokenizer"
 ) -> list[PreferencePair]:
@@ -128,7 +137,7 @@ def render_conversation_pairs(
 
     `data` (the file) and `source` (whose tokenizer) are for the messages.
     """
-    _need_template(tokenizer, data, source)
+    need_chat_template(tokenizer, data, source)
     out = []
     for pair in pairs:
         where = pair.source or data
@@ -150,7 +159,7 @@ def render_prompt_conversations(
     tokenizer, prompts: list[list[Message]], data: str, source: str = "the tokenizer"
 ) -> list[str]:
     """Prompts given as conversations, rendered by the chat template ready for the reply."""
-    _need_template(tokenizer, data, source)
+    need_chat_template(tokenizer, data, source)
     return [
         _drop_template_bos(
             tokenizer, _render(tokenizer, messages, f"{data}: prompt {i} (0-based)", True)

@@ -89,9 +89,13 @@ class RewardConfig(LoraArgs):
             raise ConfigError(f"--max-length must be positive, got {self.max_length}")
         if self.normalise_samples < 0:
             raise ConfigError(f"--normalise-samples must be >= 0, got {self.normalise_samples}")
-        names = (self.prompt_field, self.chosen_field, self.rejected_field)
-        if not all(names) or len(set(names)) < 3:
-            raise ConfigError(
-                "--prompt-field, --chosen-field and --rejected-field must be three different "
-                f"names, got {', '.join(map(repr, names))}"
-            )
+        check_preference_fields(self.prompt_field, self.chosen_field, self.rejected_field)
+
+
+def check_preference_fields(*names: str) -> None:
+    """--prompt-field, --chosen-field and --rejected-field: three different, non-empty names."""
+    if not all(names) or len(set(names)) < 3:
+        raise ConfigError(
+            "--prompt-field, --chosen-field and --rejected-field must be three different "
+            f"names, got {', '.join(map(repr, names))}"
+        )

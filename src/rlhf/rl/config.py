@@ -15,6 +15,11 @@ from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
 
 KLEstimatorChoice = Literal["auto", "k1", "k2", "k3", "exact"]
+PPO_LR = 3e-5
+"""full fine-tuning (lm-human-preferences' and TRL's PPO default was 1.41e-5 to 3e-5)"""
+PPO_LORA_LR = 3e-4
+"""LoRA: ten times PPO_LR; the optimum for LoRA sits about 10x above full fine-tuning's in SFT and
+RL alike (Schulman et al., "LoRA Without Regret", Thinking Machines 2025)"""
 CRITIC_FREE = ("rloo", "grpo", "dr_grpo", "reinforce_pp")
 GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
 
@@ -39,8 +44,8 @@ class PPOConfig:
     """must stay 0: PPO refuses top-k sampling (the ratio and the KL would describe another policy)"""
     top_p: float = 1.0
     """must stay 1.0: PPO refuses nucleus sampling (the ratio and the KL would describe another policy)"""
-    lr: float = 3e-5
-    """AdamW learning rate"""
+    lr: float | None = None
+    """AdamW learning rate; default: 3e-5, or 3e-4 with --lora-r (an adapter needs about 10x the rate of full fine-tuning: at 3e-5 a rank-8 adapter leaves the policy where it started)"""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """constant, or linear decay to zero over --steps (ppo-details 21)"""
     kl_coef: float = 0.1
@@ -99,7 +104,10 @@ class PPOConfig:
     """with --shard: gather the policy's full weights once for each rollout's sampling, instead of each block's at every sampled token (the memory of the full weights for a while; TRL's ds3_gather_for_generation does the same); --no-gather-for-sampling keeps them sharded"""
 
     def resolve(self) -> None:
-        """Replace each "auto" by what it stands for with the chosen estimator (in place)."""
+        """Replace each "auto" by what it stands for with the chosen estimator, and an unset
+        --lr by its default (in place)."""
+        if self.lr is None:
+            self.lr = PPO_LORA_LR if getattr(self, "lora_r", 0) else PPO_LR
         group_normalised = self.advantage_estimator in ("grpo", "dr_grpo")
         if self.kl_in == "auto":
             self.kl_in = "loss" if group_normalised else "reward"
@@ -139,7 +147,7 @@ class PPOConfig:
             )
             raise ConfigError(
                 f"--minibatch-size {self.minibatch_size} must divide {rows} "
-                f"(for example --minibatch-size {_largest_divisor(self.rollout_rows, self.minibatch_size)})"
+                f"({_divisible_sizes(self.batch_size, self.samples_per_prompt, self.minibatch_size)})"
             )
         if self.kl_coef < 0:
             raise ConfigError(f"--kl-coef must be >= 0, got {self.kl_coef}")
@@ -207,8 +215,17 @@ class PPOConfig:
             )
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+def _divisible_sizes(batch: int, per_prompt: int, minibatch: int) -> str:
+    """Two ways out when `minibatch` does not divide `batch * per_prompt` rows: the divisor of the
+    rows nearest to it (1 only when the rows are prime to everything else: a minibatch of one
+    sequence is rarely meant), and the next batch size that it divides."""
+    rows = batch * per_prompt
+    divisors = [d for d in range(2, rows + 1) if rows % d == 0] or [1]
+    nearest = min(divisors, key=lambda d: (abs(d - minibatch), d))
+    bigger = next(
+        b for b in range(batch + 1, batch + minibatch + 1) if b * per_prompt % minibatch == 0
+    )
+    return f"for example --minibatch-size {nearest}, or --batch-size {bigger}"
 
 
 class FixedKLController:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core import dpo_loss, logprobs_from_logits
-from ..data import atomic_write_json, read_preferences
+from ..data import atomic_write_json, read_preferences, write_jsonl
 from ..models.forward import autocast, position_ids_from_mask
 from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
 from ..models.lora import AdaptersOff, adapter_dropout, apply_lora
@@ -155,6 +155,25 @@ def sample_gold_and_kl(
     return {"gold": sum(gold) / len(gold), "kl": sum(kl) / len(kl), "n_samples": len(gold)}
 
 
+@torch.no_grad()
+def held_out_samples(policy, ref, tokenizer, pairs: Pairs, cfg: DPOConfig, device) -> list[dict]:
+    """A temperature-1 response of the policy and of the reference to each of the first
+    `cfg.sample_prompts` held-out prompts, beside the pair's chosen response."""
+    from ..models.generation import sample_texts
+
+    prompts = list(pairs.prompts[: cfg.sample_prompts])
+    rows = [{"prompt": p, "chosen": c} for p, c in zip(prompts, pairs.chosen)]
+    for name, lm in (("policy", policy), ("reference", ref)):
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)  # the same draws
+        with autocast(device):
+            texts, _ = sample_texts(
+                lm, tokenizer, prompts, cfg.sample_tokens, generator=generator, device=device
+            )
+        for row, text in zip(rows, texts):
+            row[name] = text
+    return rows
+
+
 def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     """Train a policy with DPO (or IPO), evaluate it and save it to `cfg.out`; returns dpo_eval.json."""
     from ..models.loading import (
@@ -172,7 +191,12 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     # 1. Check the inputs before any work: the data file, then the model folders.
-    file_pairs = read_preferences(cfg.data) if cfg.data else None
+    file_pairs = None
+    if cfg.data:
+        file_pairs = read_preferences(
+            cfg.data, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
+            rejected_field=cfg.rejected_field,
+        )  # fmt: skip
     if file_pairs is not None:
         held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
     conversations = holds_conversations(file_pairs, cfg.data, cfg.model)
@@ -244,6 +268,8 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     bar = progress_bar(total=total_steps, desc=f"DPO (beta {cfg.beta:g})", disable=not progress)
     step = 0
     with RunLogger(out) as logger:
+        before = result["before"]
+        logger.log(0, {"dpo/eval_accuracy": before["accuracy"], "dpo/eval_loss": before["loss"]})
         for epoch in range(cfg.epochs):
             perm = torch.randperm(len(chosen), generator=generator).tolist()
             for s in range(0, len(perm), cfg.batch_size):
@@ -303,6 +329,10 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
             gold, kl = result["policy"]["gold"], result["policy"]["kl"]
             logger.log(step, {"objective/gold": gold, "objective/kl": kl})
 
+    if cfg.sample_prompts:
+        write_jsonl(
+            out / "samples.jsonl", held_out_samples(policy, ref, tokenizer, eval_pairs, cfg, device)
+        )
     merged = out / "policy-merged" if cfg.merge_lora else None
     with quiet_transformers_bars():
         save_lm(policy, tokenizer, out / "policy", merged=merged)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
+from ..reward.config import check_preference_fields
 
 
 @dataclass
@@ -17,9 +18,15 @@ class DPOConfig(LoraArgs):
     """Options of `rlhf dpo`."""
 
     out: str = "runs/dpo"
-    """output folder: policy/, config.json, metrics.jsonl, dpo_eval.json"""
+    """output folder: policy/, config.json, metrics.jsonl, dpo_eval.json, samples.jsonl"""
     data: str | None = None
     """preference data, in the forms and formats train-reward reads (JSONL, JSON, Parquet, a `datasets` folder; text or conversations); default: generated from the built-in task as `rlhf train-reward` makes them (margins are ignored)"""
+    prompt_field: str = "prompt"
+    """name of the prompt field in --data (absent: the prompt is what chosen and rejected share)"""
+    chosen_field: str = "chosen"
+    """name of the chosen-response field in --data"""
+    rejected_field: str = "rejected"
+    """name of the rejected-response field in --data"""
     model: str | None = None
     """Hugging Face folder of the policy to start from (the SFT model); default: the built-in base model"""
     ref_model: str | None = None
@@ -54,6 +61,10 @@ class DPOConfig(LoraArgs):
     """where those prompts come from: the built-in task's held-out openings, or its training ones (what PPO's rollouts are scored on; `rlhf sweep` uses these so every method is measured on the same prompts)"""
     eval_response_tokens: int = 24
     """longest sampled response for the gold/KL evaluation (PPO's default, for the same frontier)"""
+    sample_prompts: int = 8
+    """held-out prompts whose responses, from the trained policy and from the reference, go to samples.jsonl (0: none)"""
+    sample_tokens: int = 48
+    """longest response in samples.jsonl, in tokens"""
     seed: int = 0
     """seed for generation, splitting, batches and evaluation samples"""
     device: str = "auto"
@@ -71,10 +82,11 @@ class DPOConfig(LoraArgs):
 
     def validate(self) -> None:
         self.validate_lora()
+        check_preference_fields(self.prompt_field, self.chosen_field, self.rejected_field)
         if self.merge_lora and not self.lora_r:
             raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")
         for name in ("epochs", "batch_size", "max_length", "n_pairs", "response_tokens",
-                     "eval_response_tokens"):  # fmt: skip
+                     "eval_response_tokens", "sample_tokens"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
@@ -82,6 +94,7 @@ class DPOConfig(LoraArgs):
         loss_types = typing.get_args(typing.get_type_hints(DPOConfig)["loss_type"])
         problems = [
             (self.eval_samples < 0, f"--eval-samples must be >= 0 (0: no gold/KL samples), got {self.eval_samples}"),
+            (self.sample_prompts < 0, f"--sample-prompts must be >= 0 (0: no samples.jsonl), got {self.sample_prompts}"),
             (not (self.beta > 0 and math.isfinite(self.beta)), f"--beta must be a positive number, got {self.beta}"),
             (not self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (not 0 < self.eval_fraction < 1, f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}"),

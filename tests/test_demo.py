@@ -391,3 +391,27 @@ def test_sweep_rejects_bad_options_in_one_line(capsys, tmp_path, argv, expected)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "s").exists()
+
+
+def test_report_sentences_follow_the_numbers(tmp_path):
+    from rlhf.analysis.report import _large_kl_sentence, _negative_kl_note, _sample, kl_trend
+
+    flat = [{"step": s, "objective/kl": 2.0 + 0.001 * s} for s in range(20)]
+    rising = [{"step": s, "objective/kl": 0.2 * s} for s in range(20)]
+    falling = [{"step": s, "objective/kl": 4.0 - 0.2 * s} for s in range(20)]
+    assert kl_trend(flat) == "settled at"
+    assert kl_trend(rising) == "was still rising at"
+    assert kl_trend(falling) == "was falling at"
+    assert _negative_kl_note(flat) == ""
+    assert "A KL below zero is no bug" in _negative_kl_note(flat, [{"objective/kl": -0.01}])
+    held = {"kl": 0.1, "reward": 0.3, "initial_reward": 0.0}
+    free = {"kl": 2.0, "reward": 1.2, "initial_reward": 0.0}
+    assert _large_kl_sentence(held, free).startswith("The penalty outweighs the reward")
+    assert _large_kl_sentence(free, held).startswith("Here the larger coefficient did not")
+    # A sample from an earlier step than the row's says which step it is from.
+    (tmp_path / "samples.jsonl").write_text(
+        '{"step": 0, "prompt": "the plot", "response": "was dull ."}\n'
+        '{"step": 10, "prompt": "the film", "response": "was great ."}\n'
+    )
+    assert _sample(tmp_path, 10) == "the film **was great .**"
+    assert _sample(tmp_path, 6) == "(step 0) the plot **was dull .**"

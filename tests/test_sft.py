@@ -287,3 +287,36 @@ def test_sft_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir, capsys) -> 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(start), err
     assert not out.exists()
+
+
+def test_micro_batches_agree_in_bf16_to_its_precision(
+    tmp_path, tiny_model_dir, monkeypatch
+) -> None:
+    """On a GPU the passes run under bf16 autocast; rows padded to other lengths then sum in
+    another order, so micro-batches agree to bf16's precision (8 bits), not to fp32's."""
+
+    import rlhf.sft.train as sft_train
+
+    calls = []
+
+    def bf16(device):
+        calls.append(1)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(sft_train, "autocast", bf16)
+    runs = []
+    for name, micro in (("a", 0), ("b", 3)):
+        cfg = _config(tmp_path, tiny_model_dir, out=str(tmp_path / name), micro_batch_size=micro)
+        runs.append(train_sft(cfg, progress=False))
+    assert calls  # the passes ran under bf16 autocast
+    whole, split = runs
+    assert whole["after"]["loss"] < 0.7 * whole["before"]["loss"]
+    assert split["after"]["loss"] == pytest.approx(whole["after"]["loss"], rel=2e-2)
+    rows = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("a", "b")
+    ]
+    for r0, r1 in zip(*rows):
+        for key in ("sft/loss", "sft/tokens", "sft/lr"):
+            if key in r0:
+                assert r0[key] == pytest.approx(r1[key], rel=2e-2), key

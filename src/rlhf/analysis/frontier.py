@@ -27,7 +27,7 @@ from ..rl.config import GROUP_ESTIMATORS, PPORunConfig
 from ..rl.run import train_ppo
 from ..tracking import option_changes
 from .frontier_plot import LABELS, plot_methods
-from .hacking import window_means
+from .series import trailing_means
 from .sweep import best_of_n_curve, fit_functional_form
 from .sweep_config import RL_METHODS, SweepPlan
 
@@ -65,11 +65,11 @@ def _rl_run(
     for r in rows:
         total += r.get("time/step_s") or 0.0
         seconds.append(total)
-    kl = window_means([max(r["objective/kl"], 0.0) for r in rows])
+    kl = trailing_means([max(r["objective/kl"], 0.0) for r in rows])
     return {
         "d": [math.sqrt(x) for x in kl],
-        "gold": window_means([r["objective/gold"] for r in rows]),
-        "proxy": window_means([r["objective/reward"] for r in rows]),
+        "gold": trailing_means([r["objective/gold"] for r in rows]),
+        "proxy": trailing_means([r["objective/reward"] for r in rows]),
         "seconds": seconds,
         "step_s": sum(r.get("time/step_s") or 0.0 for r in rows[1:]) / max(1, len(rows) - 1),
     }

@@ -30,9 +30,6 @@ RUN_METRICS = {
 }
 
 
-window_means = trailing_means
-
-
 def summarise_run(rows: list[dict]) -> dict:
     """Final (last-window mean) and peak values of a run's metrics, and the step of the gold peak."""
     out: dict = {"steps": len(rows)}
@@ -41,7 +38,7 @@ def summarise_run(rows: list[dict]) -> dict:
         if not logged:
             continue
         steps, values = zip(*logged)
-        smoothed = window_means(list(values))
+        smoothed = trailing_means(list(values))
         out[name] = smoothed[-1]
         out[f"initial_{name}"] = values[0]
         if name in ("gold", "reward"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import PreferencePair
+from ..data import PreferencePair, read_preferences
 from ..errors import ConfigError, InputError
 from ..tracking import progress_bar, quiet_transformers_bars
 
@@ -177,15 +177,28 @@ def holds_conversations(file_pairs: list[PreferencePair] | None, data, model) ->
     return conversations
 
 
-def held_out_size(n_pairs: int, eval_fraction: float, source) -> int:
-    """Held-out pairs out of `n_pairs`; at least one each for training and evaluation."""
+def held_out_size(n_pairs: int, eval_fraction: float, source, noun: str = "pair") -> int:
+    """Held-out records out of `n_pairs`; at least one each for training and evaluation."""
     n_eval = max(1, int(round(eval_fraction * n_pairs)))
     if n_pairs - n_eval < 1:
         raise ConfigError(
-            f"{source}: only {n_pairs} pair(s), and the held-out split (--eval-fraction "
-            f"{eval_fraction}) leaves none for training; give at least 2 pairs"
+            f"{source}: only {n_pairs} {noun}(s), and the held-out split (--eval-fraction "
+            f"{eval_fraction}) leaves none for training; give at least 2 {noun}s"
         )
     return n_eval
+
+
+def read_preference_file(cfg) -> list[PreferencePair] | None:
+    """The pairs of `cfg.data` under the names `cfg` gives its fields, checked to leave pairs for
+    both sides of the held-out split; None without --data (the built-in task's are generated)."""
+    if not cfg.data:
+        return None
+    pairs = read_preferences(
+        cfg.data, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
+        rejected_field=cfg.rejected_field,
+    )  # fmt: skip
+    held_out_size(len(pairs), cfg.eval_fraction, cfg.data)
+    return pairs
 
 
 def split_pairs(pairs: Pairs, eval_fraction: float, seed: int, source) -> tuple[Pairs, Pairs]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..core import bradley_terry_loss
-from ..data import atomic_write_json, read_preferences
+from ..data import atomic_write_json
 from ..errors import ConfigError
 from ..models.generation import pad_right
 from ..models.lora import apply_lora
@@ -28,10 +28,10 @@ from .config import RewardConfig
 from .loss import encode_texts, evaluate_reward_model
 from .preferences import (
     default_task,
-    held_out_size,
     holds_conversations,
     label_ceiling,
     preference_pairs,
+    read_preference_file,
     split_pairs,
 )
 
@@ -101,13 +101,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     # 1. Validate the inputs before any work: the data file first, then the model folder.
-    file_pairs = None
-    if cfg.data:
-        file_pairs = read_preferences(
-            cfg.data, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-            rejected_field=cfg.rejected_field,
-        )  # fmt: skip
-        held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
+    file_pairs = read_preference_file(cfg)
     conversations = holds_conversations(file_pairs, cfg.data, cfg.model)
     if cfg.model:
         check_model_dir(cfg.model)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core import dpo_loss, logprobs_from_logits
-from ..data import atomic_write_json, read_preferences, write_jsonl
+from ..data import atomic_write_json, write_jsonl
 from ..models.forward import autocast, position_ids_from_mask
 from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
 from ..models.lora import AdaptersOff, adapter_dropout, apply_lora
@@ -28,9 +28,9 @@ from ..models.policy import save_lm
 from ..reward.loss import encode_texts
 from ..reward.preferences import (
     Pairs,
-    held_out_size,
     holds_conversations,
     preference_pairs,
+    read_preference_file,
     split_pairs,
 )
 from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
@@ -191,14 +191,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
 
     # 1. Check the inputs before any work: the data file, then the model folders.
-    file_pairs = None
-    if cfg.data:
-        file_pairs = read_preferences(
-            cfg.data, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-            rejected_field=cfg.rejected_field,
-        )  # fmt: skip
-    if file_pairs is not None:
-        held_out_size(len(file_pairs), cfg.eval_fraction, cfg.data)
+    file_pairs = read_preference_file(cfg)
     conversations = holds_conversations(file_pairs, cfg.data, cfg.model)
     for directory in (cfg.model, cfg.ref_model):
         if directory:

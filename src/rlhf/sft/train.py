@@ -34,6 +34,7 @@ from ..models.generation import apply_chat_template, need_chat_template, pad_rig
 from ..models.lora import adapter_dropout, apply_lora
 from ..models.policy import save_lm
 from ..reward.loss import join_text
+from ..reward.preferences import held_out_size
 from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
 from .config import SFTConfig
 
@@ -136,12 +137,7 @@ def held_out_loss(lm, rows: list[Row], pad_id: int, device, batch_size: int) -> 
 
 def split_examples(n: int, eval_fraction: float, seed: int, source) -> tuple[list[int], list[int]]:
     """(held-out, training) indices: a seeded shuffle, at least one of each."""
-    n_eval = max(1, int(round(eval_fraction * n)))
-    if n - n_eval < 1:
-        raise ConfigError(
-            f"{source}: only {n} example(s), and the held-out split (--eval-fraction "
-            f"{eval_fraction}) leaves none for training; give at least 2"
-        )
+    n_eval = held_out_size(n, eval_fraction, source, noun="example")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return order[:n_eval], order[n_eval:]

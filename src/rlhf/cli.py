@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import shlex
@@ -25,6 +26,7 @@ from .cli_options import (
     REWARD_HELP_GROUPS,
     SFT_HELP_GROUPS,
     add_config_arguments,
+    add_config_file_argument,
     add_threads_argument,
     config_from_args,
     wrap,
@@ -255,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(sweep, SweepConfig)
     for name, command in sub.choices.items():
         if name != "plot":  # plotting reads files; the others train
+            add_config_file_argument(command)
             add_threads_argument(command)
     parser.commands = sub.choices
     return parser
@@ -374,11 +377,14 @@ def _run_plot(args) -> None:
 
 def _run_sweep(args) -> None:
     from .analysis.frontier import frontier_sweep, peak_table
+    from .tracking import save_options
 
     cfg = config_from_args(SweepConfig, args)
     plan = cfg.plan()
     base = PPORunConfig(lr=cfg.lr, seed=cfg.seed, cache_dir=cfg.cache_dir)
     base.validate()
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    save_options(cfg.out, "sweep", dataclasses.asdict(cfg))
     result = frontier_sweep(plan, out=cfg.out, base=base)
     out = Path(cfg.out)
     print(
@@ -477,6 +483,18 @@ def _main(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if getattr(args, "config", None):
+        # The file's values become the command's defaults, so the command line still wins.
+        from .cli_config import read_config_file
+
+        command = parser.commands[args.command]
+        try:
+            command.set_defaults(**read_config_file(args.config, command))
+        except RLHFError as exc:
+            if _rank_zero():
+                print(f"rlhf {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_transformers()
     if hasattr(args, "threads"):

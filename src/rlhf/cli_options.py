@@ -254,6 +254,19 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_config_file_argument(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE.yaml`, first in the command's "run" group where it has one (see cli_config)."""
+    groups = {g.title: g for g in parser._action_groups}
+    groups.get("run", parser).add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="read options from a YAML file (keys are the option names: kl_coef: 0.05); options "
+        "on the command line win over it. Every run writes its resolved options to "
+        "OUT/config.yaml, so --config runs/x/config.yaml runs it again",
+    )
+
+
 def config_from_args(cls: type, args: argparse.Namespace, **overrides):
     values = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)

@@ -20,6 +20,7 @@ from .rl.config import PPORunConfig
 from .rl.inputs import default_reward_model_dir
 from .rl.run import train_ppo
 from .task.default import BaseModelConfig, base_model_dir, base_model_info
+from .tracking import save_options
 
 
 @dataclass
@@ -81,6 +82,11 @@ def run_demo(
             f"{f' (numbers in {kept[1].name})' if len(kept) > 1 else ''}; its runs and figures "
             "are replaced"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_options(
+        out_dir, "demo",
+        {"out": str(out_dir), "quick": quick, "seed": seed, "cache_dir": cache_dir, "device": device},
+    )  # fmt: skip
     t0 = time.perf_counter()
     base_dir = base_model_dir(demo.base, cache_dir=cache_dir, progress=progress)
     info = base_model_info(base_dir)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import machine
-from .data import JsonlWriter, atomic_write_json
+from .data import JsonlWriter, atomic_write_json, atomic_write_text
 
 
 def set_seed(seed: int) -> None:
@@ -29,8 +29,24 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> None:
-    """Write the resolved config (a dataclass, or dataclasses in a dict) as `config.json`."""
+# Options that say how to start a run, not what the run is: a config.yaml that set them would
+# make its rerun continue the original's checkpoints instead of running it again.
+NOT_RERUN = ("resume", "auto_resume")
+
+
+def save_config(
+    out_dir: str | Path, config: Any, extra: dict | None = None, command: str | None = None
+) -> None:
+    """Write the resolved config (a dataclass, or dataclasses in a dict) as `config.json`; with
+    `command` (a dataclass of that `rlhf` command's options), also as `config.yaml`, which
+    `rlhf COMMAND --config` reads to run it again."""
+    if command is not None and dataclasses.is_dataclass(config):
+        options = {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in NOT_RERUN
+        }
+        save_options(out_dir, command, options)
 
     def plain(obj):
         if dataclasses.is_dataclass(obj):
@@ -53,6 +69,25 @@ def save_config(out_dir: str | Path, config: Any, extra: dict | None = None) -> 
         **(extra or {}),
     }
     atomic_write_json(Path(out_dir) / "config.json", payload)
+
+
+def save_options(out_dir: str | Path, command: str, options: dict) -> None:
+    """`config.yaml`: the options of `rlhf COMMAND` that made the run in `out_dir`, resolved, plus
+    the torch threads it ran with (a thread count can change the last bits of a sum)."""
+    import yaml
+
+    from . import __version__
+
+    out = Path(out_dir)
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    plain["threads"] = torch.get_num_threads()
+    header = (
+        f"# The options of this run (rlhf {__version__}). Run it again with:\n"
+        f"#   rlhf {command} --config {out / 'config.yaml'} --out NEW_FOLDER\n"
+        "# Options on the command line win over this file; threads: 0 picks the idle cores anew.\n"
+    )
+    text = header + yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
+    atomic_write_text(out / "config.yaml", text)
 
 
 def option_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:

@@ -125,7 +125,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     set_seed(cfg.seed)
     lm.to(device)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out, cfg)
+    save_config(out, cfg, command="train-reward")
 
     # 2. Preference pairs: the user's file, or sampled from the base model and labelled by the judge.
     pairs = preference_pairs(file_pairs, lm, tokenizer, cfg, out, progress)

@@ -224,7 +224,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     policy.to(device)
     ref.to(device)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out, cfg)
+    save_config(out, cfg, command="dpo")
 
     # 2. Pairs: the user's file, or sampled from the base model and labelled by the gold judge,
     # split as `rlhf train-reward` splits them with this seed.

@@ -174,7 +174,7 @@ def train_ppo(
                     "(--resume continues a run instead)"
                 )
         out.mkdir(parents=True, exist_ok=True)
-        save_config(out, cfg)
+        save_config(out, cfg, command="ppo")
     start = time.perf_counter()
     metrics: dict = {}
     if first_step >= cfg.steps:
@@ -328,7 +328,7 @@ class Interrupted(RLHFError):
 # What a run writes into its folder; a new run without --resume removes these first, so nothing
 # of the earlier run (TensorBoard event files especially, which accumulate) mixes with the new one.
 RUN_OUTPUTS = (
-    "metrics.jsonl", "samples.jsonl", "config.json", "summary.json", "tensorboard", "checkpoints",
+    "metrics.jsonl", "samples.jsonl", "config.json", "config.yaml", "summary.json", "tensorboard", "checkpoints",
     "policy", "reward_kl_tradeoff.png", "training_diagnostics.png",
 )  # fmt: skip
 

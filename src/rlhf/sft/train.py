@@ -259,7 +259,7 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     set_seed(cfg.seed)  # after loading: a cold cache trains the base model and draws from the RNG
     lm.to(device)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(out, cfg)
+    save_config(out, cfg, command="sft")
 
     # 2. Held-out loss before; AdamW with linear decay and clipping, as TRL's defaults. The
     # model's own dropout stays off (as loaded); --lora-dropout acts on the adapters only.

@@ -197,3 +197,30 @@ def test_help_imports_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert "HEAVY []" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_grpo_lora_run_says_grpo_and_leaks_no_library_warning(tmp_path, ppo_inputs):
+    """The bar and the summary name the method that ran, and neither transformers' nor PEFT's
+    warnings (a LoRA wrap asks transformers a deprecated question) nor their loading bars reach
+    the output, from the CLI or from a library call."""
+    model, rm, prompts = ppo_inputs
+    options = dict(model=str(model), reward_model=str(rm), prompts=str(prompts), steps=1,
+                   batch_size=4, minibatch_size=4, response_tokens=4, ppo_epochs=1, lora_r=4,
+                   advantage_estimator="grpo", samples_per_prompt=2, device="cpu")  # fmt: skip
+    argv = [sys.executable, "-W", "default", "-m", "rlhf", "ppo", "--out", str(tmp_path / "cli")]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
+    assert "GRPO (kl_coef 0.1)" in done.stderr and "PPO (" not in done.stderr
+    assert done.stdout.startswith("GRPO: 1 step in")
+    code = (
+        "from rlhf.rl.config import PPORunConfig\n"
+        "from rlhf.rl.run import train_ppo\n"
+        f"train_ppo(PPORunConfig(out={str(tmp_path / 'lib')!r}, **{options!r}))\n"
+    )
+    library = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+        timeout=300, check=True,
+    )  # fmt: skip
+    for err in (done.stderr, library.stderr):
+        assert "Warning" not in err and "Loading weights" not in err, err[-2000:]

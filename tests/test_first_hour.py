@@ -80,7 +80,7 @@ def test_ppo_run_again_replaces_the_earlier_run_and_says_so(tmp_path, inputs, ca
     # (the second writes none with --save-every 0) and no figure of the first run.
     assert len(_events(out)) == 1
     assert not (out / "checkpoints").exists()
-    assert not (out / "reward_kl_tradeoff.png").exists()
+    assert (out / "reward_kl_tradeoff.png").read_bytes() != b"a figure of the first run"  # redrawn
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
@@ -374,7 +374,7 @@ def test_train_reward_summary_says_what_the_accuracy_means(tmp_path, monkeypatch
     from rlhf.reward import train
 
     result = {"accuracy": 0.877, "ceiling": ceiling, "seconds": 3.0}
-    monkeypatch.setattr(train, "train_reward", lambda cfg: result)
+    monkeypatch.setattr(train, "train_reward", lambda cfg, **_: result)
     assert main(["train-reward", "--out", str(tmp_path / "rm")]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "n/a" not in first and "ceiling" not in first, first

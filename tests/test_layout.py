@@ -22,6 +22,7 @@ RANKS = {
     "rlhf.data": 0,
     "rlhf.text_stats": 0,
     "rlhf.tracking": 0,
+    "rlhf.trackers": 0,
     "rlhf.models": 1,
     "rlhf.task": 2,
     "rlhf.reward": 3,
@@ -31,6 +32,7 @@ RANKS = {
     "rlhf.pipeline": 6,
     "rlhf.cli": 7,
     "rlhf.cli_options": 7,
+    "rlhf.cli_config": 7,
     "rlhf.__main__": 8,
 }
 

@@ -84,7 +84,7 @@ def test_tradeoff_writes_png_and_plots_the_logged_values(tmp_path):
     for key in ("objective/reward", "objective/gold", "objective/kl", "objective/combined"):
         assert plots.METRICS[key][0] in lines(fig)
     assert all(ax.get_legend() is not None for ax in fig.axes[:3])
-    assert fig.axes[2].get_xlabel() == "PPO step"
+    assert fig.axes[2].get_xlabel() == "step"
 
 
 def test_combined_from_kl_coef_when_not_logged(tmp_path):

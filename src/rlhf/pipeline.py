@@ -20,6 +20,7 @@ from .rl.config import PPORunConfig
 from .rl.inputs import default_reward_model_dir
 from .rl.run import train_ppo
 from .task.default import BaseModelConfig, base_model_dir, base_model_info
+from .trackers import parse_report_to
 from .tracking import save_options
 
 
@@ -63,6 +64,7 @@ def run_demo(
     cache_dir=None,
     device: str = "auto",
     progress: bool = True,
+    report_to: str = "tensorboard",
 ) -> dict:
     """Run the whole story and write report.md, summary.json and the figures into `out`
     (default `runs/demo`, or `runs/demo-quick` with `quick`).
@@ -71,6 +73,7 @@ def run_demo(
     renamed with the time they were written, and one printed line says so.
     """
     start = time.perf_counter()
+    parse_report_to(report_to)  # a tracker that is not installed stops the demo before it starts
     out_dir = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
     demo = demo_config(quick, seed, device)
     timings: dict[str, float] = {}
@@ -85,7 +88,8 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_options(
         out_dir, "demo",
-        {"out": str(out_dir), "quick": quick, "seed": seed, "cache_dir": cache_dir, "device": device},
+        {"out": str(out_dir), "quick": quick, "seed": seed, "cache_dir": cache_dir,
+         "device": device, "report_to": report_to},
     )  # fmt: skip
     t0 = time.perf_counter()
     base_dir = base_model_dir(demo.base, cache_dir=cache_dir, progress=progress)
@@ -111,6 +115,7 @@ def run_demo(
         model=str(base_dir),
         reward_model=str(rm_root / "reward_model"),
         cache_dir=cache_dir,
+        report_to=report_to,
     )
     t0 = time.perf_counter()
     comparison = demonstrate_reward_hacking(

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import platform
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,15 @@ def set_seed(seed: int) -> None:
 NOT_RERUN = ("resume", "auto_resume")
 
 
+def _plain(obj):
+    """A dataclass (or dataclasses in a dict) as plain dicts."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
 def save_config(
     out_dir: str | Path, config: Any, extra: dict | None = None, command: str | None = None
 ) -> None:
@@ -48,16 +59,9 @@ def save_config(
         }
         save_options(out_dir, command, options)
 
-    def plain(obj):
-        if dataclasses.is_dataclass(obj):
-            return dataclasses.asdict(obj)
-        if isinstance(obj, dict):
-            return {k: plain(v) for k, v in obj.items()}
-        return obj
-
     from . import __version__
 
-    payload = plain(config)
+    payload = _plain(config)
     payload = dict(payload) if isinstance(payload, dict) else {"config": payload}
     payload["_environment"] = {
         "rlhf": __version__,
@@ -102,52 +106,85 @@ def option_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
     return changes
 
 
+def tracking(cfg: Any, figures: Callable[[Path], list[Path]] | None = None) -> dict:
+    """`RunLogger`'s tracker arguments from a config with `TrackingArgs`' fields."""
+    return {"report_to": cfg.report_to, "config": cfg, "run_name": cfg.run_name, "figures": figures}
+
+
 class RunLogger:
-    """Append metrics to `metrics.jsonl` and, optionally, TensorBoard.
+    """Append metrics to `metrics.jsonl` and to the trackers of `report_to` (`trackers`).
 
     A new log (`append=False`) replaces the folder's earlier one, TensorBoard's event files
     included: TensorBoard reads every event file in the folder, so old ones would overlay the new
-    run's curves with stale ones.
+    run's curves with stale ones. An appended log (a resumed run) continues the trackers' runs
+    that `trackers.json` names. `config` (a dataclass or dict) goes to every tracker at the start;
+    `figures`, called with the folder once the last metric is written, draws the figures that go
+    to every tracker at the end of a run that finished without an error.
     """
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, append: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        tensorboard: bool = True,
+        append: bool = False,
+        report_to: str | tuple[str, ...] | None = None,
+        config: Any = None,
+        run_name: str | None = None,
+        figures: Callable[[Path], list[Path]] | None = None,
+    ):
+        from .trackers import open_trackers, parse_report_to
+
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = JsonlWriter(self.out_dir / "metrics.jsonl", append=append)
-        self._tb = None
+        if report_to is None:
+            report_to = ("tensorboard",) if tensorboard else ()
+        names = parse_report_to(report_to) if isinstance(report_to, str) else tuple(report_to)
         if not append:
             for old in (self.out_dir / "tensorboard").glob("events.out.tfevents.*"):
                 old.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
-            except (
-                ImportError
-            ):  # tensorboard is a dependency, but a broken install should not stop training
-                self._tb = None
+        ids_path = self.out_dir / "trackers.json"
+        ids = (
+            json.loads(ids_path.read_text(encoding="utf-8"))
+            if append and ids_path.is_file()
+            else {}
+        )
+        self.trackers = open_trackers(
+            names, self.out_dir, run_name or self.out_dir.name, _plain(config) or {}, ids
+        )
+        atomic_write_json(ids_path, {t.name: t.run_id for t in self.trackers if t.run_id})
+        self._jsonl = JsonlWriter(self.out_dir / "metrics.jsonl", append=append)
+        self._figures = figures
+        self._last_step = 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step}
         for key, value in metrics.items():
             value = float(value)
             row[key] = value if math.isfinite(value) else None
-            if self._tb is not None and math.isfinite(value):
-                self._tb.add_scalar(key, value, step)
         self._jsonl.write(row)
+        shown = {k: v for k, v in row.items() if k != "step" and v is not None}
+        for tracker in self.trackers:
+            tracker.log(step, shown)
+        self._last_step = max(self._last_step, step)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Close the log; when `finished`, draw `figures` and send them to the trackers first."""
         self._jsonl.close()
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+        try:
+            if finished and self._figures is not None and self.trackers:
+                paths = self._figures(self.out_dir)
+                for tracker in self.trackers:
+                    tracker.log_figures(paths, self._last_step)
+        finally:
+            notes = [tracker.close() for tracker in self.trackers]
+        for note in filter(None, notes):
+            print(note)
 
     def __enter__(self) -> RunLogger:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(finished=exc_type is None)
 
 
 def progress_bar(iterable=None, **kwargs):

@@ -87,7 +87,7 @@ def _dpo_run(
     cfg = DPOConfig(
         out=str(run_dir), data=str(prefs), model=base.model, beta=beta, seed=seed, gold=True,
         eval_split="train", eval_response_tokens=base.response_tokens, cache_dir=base.cache_dir,
-        device=base.device,
+        device=base.device, report_to=base.report_to,
     )  # fmt: skip
     if not (result_file.is_file() and _same_options(run_dir, cfg)):
         train_dpo(cfg, progress=progress)

@@ -141,7 +141,7 @@ def plot_reward_kl_tradeoff(
     title: str | None = None,
     smooth: float | str | None = "auto",
 ) -> Figure:
-    """Reward, KL and reward - beta * KL against PPO step, three panels; saved to `path` if given.
+    """Reward, KL and reward - beta * KL against the step, three panels; saved to `path` if given.
 
     `training_history` is a run folder, a `metrics.jsonl` path or a list of metric dicts. The
     combined objective is the logged `objective/combined` (which uses each step's beta, adaptive
@@ -195,7 +195,7 @@ def plot_reward_kl_tradeoff(
         line = _draw(ax_c, x, y, COLORS["objective/combined"], _name("objective/combined"), smooth)
         ax_c.set_ylabel("reward units")
         ax_c.set_title("Objective PPO maximises: reward − β·KL", loc="left")
-        ax_c.set_xlabel("PPO step")
+        ax_c.set_xlabel("step")
         ax_c.legend([line], [line.get_label()], loc="best")
 
         head = title or f"{name + ': ' if name else ''}reward vs KL trade-off ({beta_text})"
@@ -291,7 +291,7 @@ def plot_runs(
         for ax in axes[len(shown) :]:
             ax.set_visible(False)
         for ax in axes[max(0, len(shown) - ncols) : len(shown)]:
-            ax.set_xlabel("PPO step")
+            ax.set_xlabel("step")
             ax.xaxis.set_tick_params(labelbottom=True)
         fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                    ncols=min(len(handles), 4), frameon=False, fontsize=10)  # fmt: skip
@@ -350,7 +350,7 @@ def plot_diagnostics(
         for ax in axes[len(shown) :]:
             ax.set_visible(False)
         for ax in axes[max(0, len(shown) - ncols) : len(shown)]:
-            ax.set_xlabel("PPO step")
+            ax.set_xlabel("step")
             ax.xaxis.set_tick_params(labelbottom=True)
         fig.suptitle(
             f"{name + ': ' if name else ''}PPO training diagnostics", fontsize=13, fontweight="bold"

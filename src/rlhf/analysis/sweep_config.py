@@ -54,6 +54,8 @@ class SweepConfig:
     """first seed"""
     cache_dir: str | None = None
     """cache for the built-in base and reward models"""
+    report_to: str = "tensorboard"
+    """where each run's metrics go besides its metrics.jsonl: tensorboard, wandb, mlflow, trackio or none, several comma-separated (one tracker run per sweep run)"""
 
     def plan(self) -> SweepPlan:
         """The plan these options describe; a bad option is a one-line `ConfigError`."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..tracking import quiet_transformers_bars
 from .forward import swap_slow_gelu
 
 PAD_TOKEN = "<|pad|>"
@@ -91,6 +92,7 @@ def _check_causal(model: nn.Module, path: Path) -> None:
         )
 
 
+@quiet_transformers_bars()  # rlhf draws its own progress
 def load_causal_lm(
     directory: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None
 ) -> nn.Module:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from ..tracking import quiet_transformers_bars
 from .lora_args import LoraArgs
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -62,7 +64,7 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _peft_quietly():
             torch.manual_seed(seed)
             return get_peft_model(lm, config, adapter_name=adapter_name).train(lm.training)
     except ValueError as exc:  # no layer matched --lora-target-modules
@@ -78,6 +80,17 @@ def apply_lora(
             f"--lora-target-modules {args.lora_target_modules}: {str(exc).splitlines()[0]} "
             f"(this model's linear layers: {', '.join(layers[:12])}; or use all-linear)"
         ) from None
+
+
+@contextlib.contextmanager
+def _peft_quietly():
+    """PEFT asks the model `is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every wrap: a warning about PEFT's code, not the user's, so not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
+        yield
 
 
 def adapter_base(directory: str | Path) -> Path | None:
@@ -101,18 +114,20 @@ def load_adapter(
     from peft import PeftModel
 
     try:
-        if is_peft(lm):
-            lm.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=trainable)
-            return lm
-        return PeftModel.from_pretrained(
-            lm, str(directory), adapter_name=adapter_name, is_trainable=trainable
-        )
+        with _peft_quietly():
+            if is_peft(lm):
+                lm.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=trainable)
+                return lm
+            return PeftModel.from_pretrained(
+                lm, str(directory), adapter_name=adapter_name, is_trainable=trainable
+            )
     except Exception as exc:  # shapes or layer names of another base model
         raise InputError(
             f"{directory}: the adapter does not fit this base model ({str(exc).splitlines()[0]})"
         ) from None
 
 
+@quiet_transformers_bars()  # rlhf draws its own progress
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
     """Write one adapter in PEFT's format (adapter_model.safetensors, adapter_config.json).
 

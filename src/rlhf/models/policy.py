@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data import atomic_write
 from ..errors import InputError
+from ..tracking import quiet_transformers_bars
 from .forward import (
     accepts_kwarg,
     device_of,
@@ -139,6 +140,7 @@ def save_policy(
         save_value_model(value_model, directory)
 
 
+@quiet_transformers_bars()  # rlhf draws its own progress
 def save_lm(
     lm: nn.Module, tokenizer, directory: str | Path, merged: str | Path | None = None
 ) -> None:
@@ -204,6 +206,7 @@ class ValueModel(nn.Module):
 VALUE_MODEL_DIR = "value_model"
 
 
+@quiet_transformers_bars()  # rlhf draws its own progress
 def save_value_model(
     value_model: ValueModel,
     directory: str | Path,

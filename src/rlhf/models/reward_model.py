@@ -22,6 +22,7 @@ from torch import nn
 from ..core import response_mask_from_eos
 from ..data import atomic_write, atomic_write_json
 from ..errors import InputError
+from ..tracking import quiet_transformers_bars
 from .forward import (
     device_of,
     final_hidden_states,
@@ -107,6 +108,7 @@ class RewardModel(nn.Module):
     def is_lora(self) -> bool:
         return is_peft(self.base_model)
 
+    @quiet_transformers_bars()  # rlhf draws its own progress
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the base model (Hugging Face format), its tokenizer and the head (safetensors).
 

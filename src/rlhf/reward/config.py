@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
+from ..trackers import TrackingArgs
 
 
 @dataclass
-class RewardConfig(LoraArgs):
+class RewardConfig(LoraArgs, TrackingArgs):
     """Options of `rlhf train-reward`."""
 
     out: str = "runs/reward"
@@ -64,6 +65,7 @@ class RewardConfig(LoraArgs):
 
     def validate(self) -> None:
         self.validate_lora()
+        self.validate_tracking()
         if self.lora_r and self.freeze_base:
             raise ConfigError(
                 "--lora-r trains adapters on the base; it cannot go with --freeze-base"

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from ..errors import ConfigError
 from ..models.generation import pad_right
 from ..models.lora import apply_lora
 from ..models.reward_model import RewardModel
-from ..tracking import RunLogger, progress_bar, save_config, set_seed
+from ..tracking import RunLogger, progress_bar, save_config, set_seed, tracking
 from .config import RewardConfig
 from .loss import encode_texts, evaluate_reward_model
 from .preferences import (
@@ -80,7 +81,9 @@ def _reference_scores(cfg, lm, reward_model, tokenizer, shuffled, device) -> tor
     return torch.cat(scores)  # (N,)
 
 
-def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
+def train_reward(
+    cfg: RewardConfig, progress: bool = True, figures: Callable[[Path], list[Path]] | None = None
+) -> dict:
     """Train, normalise, evaluate and save a reward model; returns the evaluation dict."""
 
     from ..models.forward import autocast
@@ -160,7 +163,7 @@ def train_reward(cfg: RewardConfig, progress: bool = True) -> dict:
     has_margin = any(m is not None for m in train_pairs.margins)
     bar = progress_bar(total=total_steps, desc="train reward model", disable=not progress)
     step = 0
-    with RunLogger(out) as logger:
+    with RunLogger(out, **tracking(cfg, figures)) as logger:
         for epoch in range(cfg.epochs):
             reward_model.train()
             perm = torch.randperm(len(train_pairs), generator=generator).tolist()

@@ -13,6 +13,7 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
+from ..trackers import TrackingArgs
 
 KLEstimatorChoice = Literal["auto", "k1", "k2", "k3", "exact"]
 PPO_LR = 3e-5
@@ -22,6 +23,10 @@ PPO_LORA_LR = 3e-4
 RL alike (Schulman et al., "LoRA Without Regret", Thinking Machines 2025)"""
 CRITIC_FREE = ("rloo", "grpo", "dr_grpo", "reinforce_pp")
 GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo")
+# What a run is called on its progress bar and in messages: the estimator names the method.
+METHOD_NAMES = {
+    "gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce_pp": "REINFORCE++",
+}  # fmt: skip
 
 
 @dataclass
@@ -260,7 +265,7 @@ class AdaptiveKLController(FixedKLController):
 
 
 @dataclass
-class PPORunConfig(PPOConfig, LoraArgs):
+class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
     """Options of `rlhf ppo`: the PPO hyper-parameters plus inputs and outputs."""
 
     out: str = "runs/ppo"
@@ -305,6 +310,7 @@ class PPORunConfig(PPOConfig, LoraArgs):
     def validate(self) -> None:
         super().validate()
         self.validate_lora()
+        self.validate_tracking()
         if self.merge_lora and not self.lora_r:
             raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")
         if self.lora_dropout:

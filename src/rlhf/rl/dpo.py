@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,14 @@ from ..reward.preferences import (
     read_preference_file,
     split_pairs,
 )
-from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
+from ..tracking import (
+    RunLogger,
+    progress_bar,
+    quiet_transformers_bars,
+    save_config,
+    set_seed,
+    tracking,
+)
 from .dpo_config import DPOConfig
 
 
@@ -174,7 +182,9 @@ def held_out_samples(policy, ref, tokenizer, pairs: Pairs, cfg: DPOConfig, devic
     return rows
 
 
-def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
+def train_dpo(
+    cfg: DPOConfig, progress: bool = True, figures: Callable[[Path], list[Path]] | None = None
+) -> dict:
     """Train a policy with DPO (or IPO), evaluate it and save it to `cfg.out`; returns dpo_eval.json."""
     from ..models.loading import (
         apply_eos_option,
@@ -260,7 +270,7 @@ def train_dpo(cfg: DPOConfig, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
     bar = progress_bar(total=total_steps, desc=f"DPO (beta {cfg.beta:g})", disable=not progress)
     step = 0
-    with RunLogger(out) as logger:
+    with RunLogger(out, **tracking(cfg, figures)) as logger:
         before = result["before"]
         logger.log(0, {"dpo/eval_accuracy": before["accuracy"], "dpo/eval_loss": before["loss"]})
         for epoch in range(cfg.epochs):

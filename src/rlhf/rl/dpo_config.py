@@ -11,10 +11,11 @@ from typing import Literal
 from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
 from ..reward.config import check_preference_fields
+from ..trackers import TrackingArgs
 
 
 @dataclass
-class DPOConfig(LoraArgs):
+class DPOConfig(LoraArgs, TrackingArgs):
     """Options of `rlhf dpo`."""
 
     out: str = "runs/dpo"
@@ -82,6 +83,7 @@ class DPOConfig(LoraArgs):
 
     def validate(self) -> None:
         self.validate_lora()
+        self.validate_tracking()
         check_preference_fields(self.prompt_field, self.chosen_field, self.rejected_field)
         if self.merge_lora and not self.lora_r:
             raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
-from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
+from ..tracking import (
+    RunLogger,
+    progress_bar,
+    quiet_transformers_bars,
+    save_config,
+    set_seed,
+    tracking,
+)
 from .checkpoint import (
     check_resume_options,
     checkpoint_dirs,
@@ -26,7 +33,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .config import PPORunConfig
+from .config import METHOD_NAMES, PPORunConfig
 from .detector import HackingDetector
 from .distributed import Discard, PeerFailed, check_world
 from .inputs import load_run_inputs
@@ -113,12 +120,13 @@ def train_ppo(
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
     label: str | None = None,
+    figures: Callable[[Path], list[Path]] | None = None,
 ) -> dict:
     """Run PPO and save everything to `cfg.out`; returns a summary of the run.
 
     Without `cfg.resume`, an earlier run in `cfg.out` is replaced (its files are listed in one
     printed line); with it, the run continues from its newest checkpoint. `label` names the run
-    on its progress bar (default "PPO (kl_coef B)"). The summary's `steps` counts the steps run
+    on its progress bar (default "METHOD (kl_coef B)": PPO, RLOO, GRPO, ... after the estimator). The summary's `steps` counts the steps run
     by this call; `first_step` is where it started (0, or the checkpoint it resumed from). Under
     torchrun it runs on every process (`launch`); rank 0 alone prints and writes the outputs.
     """
@@ -183,13 +191,13 @@ def train_ppo(
     # loop leaves by `break` before tqdm counts the last step.
     bar = progress_bar(
         total=cfg.steps, initial=first_step, disable=not progress,
-        desc=label or f"PPO (kl_coef {cfg.kl_coef:g})",
+        desc=label or f"{METHOD_NAMES[cfg.advantage_estimator]} (kl_coef {cfg.kl_coef:g})",
     )  # fmt: skip
     resumed = first_step > 0
     step = first_step
     kls: list[float] = []  # this call's steps, for `stalled`
     with (
-        RunLogger(out, append=resumed) if main else Discard() as logger,
+        RunLogger(out, append=resumed, **tracking(cfg, figures)) if main else Discard() as logger,
         JsonlWriter(out / "samples.jsonl", append=resumed) if main else Discard() as samples,
         _GracefulStop(speak=main) as stop,
     ):

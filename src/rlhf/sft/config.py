@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
+from ..trackers import TrackingArgs
 
 FULL_LR = 2e-5
 """TRL's SFTConfig default for full fine-tuning"""
@@ -16,7 +17,7 @@ LORA_LR = 2e-4
 
 
 @dataclass
-class SFTConfig(LoraArgs):
+class SFTConfig(LoraArgs, TrackingArgs):
     """Options of `rlhf sft`."""
 
     out: str = "runs/sft"
@@ -69,6 +70,7 @@ class SFTConfig(LoraArgs):
 
     def validate(self) -> None:
         self.validate_lora()
+        self.validate_tracking()
         if not self.data:
             raise ConfigError(
                 "rlhf sft needs --data FILE, the examples to imitate (docs/examples/"

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +36,14 @@ from ..models.lora import adapter_dropout, apply_lora
 from ..models.policy import save_lm
 from ..reward.loss import join_text
 from ..reward.preferences import held_out_size
-from ..tracking import RunLogger, progress_bar, quiet_transformers_bars, save_config, set_seed
+from ..tracking import (
+    RunLogger,
+    progress_bar,
+    quiet_transformers_bars,
+    save_config,
+    set_seed,
+    tracking,
+)
 from .config import SFTConfig
 
 Row = tuple[list[int], list[int]]
@@ -191,7 +199,9 @@ def _resolve_max_length(cfg: SFTConfig, model_dir: Path) -> int:
     return cfg.max_length or min(1024, limit or 1024)
 
 
-def train_sft(cfg: SFTConfig, progress: bool = True) -> dict:
+def train_sft(
+    cfg: SFTConfig, progress: bool = True, figures: Callable[[Path], list[Path]] | None = None
+) -> dict:
     """Fine-tune a causal LM on `cfg.data`, evaluate it on held-out examples and save it to
     `cfg.out`/model; returns what sft_eval.json holds."""
     from ..models.loading import (
@@ -274,7 +284,7 @@ def train_sft(cfg: SFTConfig, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(cfg.seed)
     bar = progress_bar(total=total_steps, desc="SFT", disable=not progress)
     step = 0
-    with RunLogger(out) as logger:
+    with RunLogger(out, **tracking(cfg, figures)) as logger:
         before = result["before"]
         logger.log(
             0,

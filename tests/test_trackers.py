@@ -11,8 +11,8 @@ import pytest
 
 from rlhf.cli import main
 from rlhf.errors import ConfigError
-from rlhf.tracking import RunLogger
 from rlhf.trackers import parse_report_to
+from rlhf.tracking import RunLogger
 
 
 @pytest.fixture

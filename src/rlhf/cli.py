@@ -16,10 +16,13 @@ import sys
 import typing
 from pathlib import Path
 
+from .analysis.sampling_config import EvalConfig, GenerateConfig
 from .analysis.sweep_config import SweepConfig
 from .cli_options import (
     DPO_HELP_GROUPS,
+    EVAL_HELP_GROUPS,
     EXAMPLES,
+    GENERATE_HELP_GROUPS,
     PPO_EXAMPLES,
     PPO_HELP_GROUPS,
     REWARD_EXAMPLES,
@@ -34,7 +37,7 @@ from .cli_options import (
 from .cli_options import field_docs as field_docs  # re-exported
 from .errors import RLHFError
 from .reward.config import RewardConfig
-from .rl.config import PPORunConfig
+from .rl.config import METHOD_NAMES, PPORunConfig
 from .rl.dpo_config import DPOConfig
 from .sft.config import SFTConfig
 
@@ -83,6 +86,29 @@ examples:
   rlhf sweep                     PPO at five KL coefficients and best-of-n, one seed (about 4 minutes)
   rlhf sweep --algos gae,rloo,grpo,reinforce_pp,dpo,best_of_n --kl-coefs 0,0.03,0.1 --seeds 3
                                  every method, three seeds each; run it again to resume
+"""
+
+GENERATE_EXAMPLES = """\
+examples:
+  rlhf generate runs/ppo         8 of the built-in task's held-out openings, one response each
+  rlhf generate runs/ppo --prompt "the acting was" --prompt "this phone" --num-samples 4
+                                 prompts on the command line, 4 responses each
+  rlhf generate ./my-model --prompts prompts.txt --temperature 0.7 --top-p 0.9 --out samples.jsonl
+                                 a Hugging Face model folder on your prompt file
+  rlhf generate runs/ppo-lora/policy --base-model ./my-sft-model --prompts prompts.txt
+                                 a LoRA adapter, on the base model it was trained from
+"""
+
+EVAL_EXAMPLES = """\
+examples:
+  rlhf eval runs/ppo             the built-in task: 256 held-out prompts, the run's reward model,
+                                 the gold judge; against the model the run started from
+  rlhf eval runs/ppo --baseline runs/dpo
+                                 which of two runs is better, each with its KL to the reference
+  rlhf eval runs/ppo --prompts held-out.jsonl --reward-model runs/rm --out runs/ppo/eval-mine
+                                 your held-out prompts and reward model
+  rlhf eval ./my-policy --baseline ./my-sft-model --ref-model ./my-sft-model --reward-model runs/rm
+                                 plain model folders name their reference and baseline
 """
 
 
@@ -159,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--cache-dir", default=None, help="cache for the built-in base model")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    demo.add_argument(
+        "--report-to",
+        default="tensorboard",
+        help="where each PPO run's metrics go besides its metrics.jsonl: tensorboard, wandb, "
+        "mlflow, trackio or none, several comma-separated (default: tensorboard)",
+    )
 
     sft = sub.add_parser(
         "sft",
@@ -240,6 +272,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder of `rlhf ppo`, `sft`, `train-reward` or `dpo`, or a folder of such folders",
     )
 
+    generate = sub.add_parser(
+        "generate",
+        help="sample responses from a policy (a run, a model folder or a LoRA adapter)",
+        description=wrap(
+            "Sample responses from a policy: a run folder (rlhf ppo, dpo or sft --out; its policy/ "
+            "or model/ is used, with the run's chat template and response length), a Hugging Face "
+            "model folder, a LoRA adapter folder (put on its base model) or a merged model. Prompts "
+            "come from --prompt TEXT (repeated) or --prompts FILE; on the built-in task, its "
+            "held-out openings. Every row has its own seeded draws, so the same --seed gives the same "
+            "responses whatever --batch-size. Writes {prompt, response, ended, ...} rows as JSONL "
+            "and prints the first few."
+        ),
+        usage="rlhf generate POLICY [--prompt TEXT ...] [options]",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate_docs = field_docs(GenerateConfig)
+    generate.add_argument("policy", nargs="?", metavar="POLICY", help=generate_docs["policy"])
+    add_config_arguments(
+        generate, GenerateConfig, skip=("policy", "prompt"), groups=GENERATE_HELP_GROUPS
+    )
+    inputs = next(g for g in generate._action_groups if g.title == "inputs")
+    inputs.add_argument(
+        "--prompt", action="append", default=[], metavar="TEXT", help=generate_docs["prompt"]
+    )
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="compare a policy with a baseline: win rate, reward, KL, gold, length, diversity",
+        description=wrap(
+            "Compare a policy with a baseline (by default its reference, the model the run started "
+            "from) on held-out prompts: both sample one response per prompt from the same seeded "
+            "draws, so each prompt is a paired comparison. Reports the win rate under the reward "
+            "model (ties count half) with a 95% Wilson interval, each side's mean reward, KL to the "
+            "reference (k1 summed over response tokens, nats), response length, EOS rate and "
+            "distinct-2, and on the built-in task the gold judge's score and win rate. Defaults "
+            "come from the run: its reward model, chat template and response length; on the "
+            "built-in task, 256 held-out openings. Prints a table and writes eval.json (numbers, "
+            "per-prompt scores, the resolved options) and eval.png to --out."
+        ),
+        usage="rlhf eval POLICY [options]",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument(
+        "policy", nargs="?", metavar="POLICY", help=field_docs(EvalConfig)["policy"]
+    )
+    add_config_arguments(evaluate, EvalConfig, skip=("policy",), groups=EVAL_HELP_GROUPS)
+
     sweep = sub.add_parser(
         "sweep",
         help="every method on one reward-KL frontier: PPO, RLOO, GRPO, REINFORCE++, DPO, best-of-n",
@@ -267,11 +348,18 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
+def _figures(run_dir: Path) -> list[Path]:
+    """The run's figures (`rlhf plot RUN_DIR`), drawn at its end for the trackers."""
+    from .analysis.plots import plot_run_dir
+
+    return plot_run_dir(run_dir)
+
+
 def _run_sft(args) -> None:
     from .sft.train import train_sft
 
     cfg = config_from_args(SFTConfig, args)
-    result = train_sft(cfg)
+    result = train_sft(cfg, figures=_figures)
     out = Path(cfg.out)
     before, after = result["before"], result["after"]
     samples = f"\n  samples: {out / 'samples.jsonl'}" if (out / "samples.jsonl").is_file() else ""
@@ -286,11 +374,18 @@ def _run_sft(args) -> None:
     )
 
 
+def _figure_note(out: Path, name: str) -> str:
+    """Where the run's figure is, or how to draw it (with --report-to none nothing is drawn)."""
+    if (out / name).is_file():
+        return f"\n  figures: {out / name} (redraw with: rlhf plot {out})"
+    return f" (plot with: rlhf plot {out})"
+
+
 def _run_train_reward(args) -> None:
     from .reward.train import train_reward
 
     cfg = config_from_args(RewardConfig, args)
-    result = train_reward(cfg)
+    result = train_reward(cfg, figures=_figures)
     out = Path(cfg.out)
     if result.get("ceiling") is None:  # the user's data: no gold judge to compare with
         meaning = "the chosen response scores higher in that share of the held-out pairs"
@@ -312,15 +407,16 @@ def _run_demo(args) -> None:
     from .pipeline import run_demo
 
     run_demo(
-        out=args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, device=args.device
-    )
+        out=args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir,
+        device=args.device, report_to=args.report_to,
+    )  # fmt: skip
 
 
 def _run_ppo(args) -> None:
     from .rl.run import train_ppo
 
     cfg = config_from_args(PPORunConfig, args)
-    summary = train_ppo(cfg)
+    summary = train_ppo(cfg, figures=_figures)
     final, out = summary["final"], Path(cfg.out)
     gold = f", gold {final['objective/gold']:.3f}" if "objective/gold" in final else ""
     resumed = (
@@ -329,10 +425,10 @@ def _run_ppo(args) -> None:
         else ""
     )
     print(
-        f"PPO: {_count(summary['steps'], 'step')} in {summary['seconds']:.0f} s{resumed}; last step reward "
+        f"{METHOD_NAMES[cfg.advantage_estimator]}: {_count(summary['steps'], 'step')} in {summary['seconds']:.0f} s{resumed}; last step reward "
         f"{final['objective/reward']:.3f}, KL {final['objective/kl']:.2f} nats{gold}\n"
         f"  policy:  {out / 'policy'}\n"
-        f"  metrics: {out / 'metrics.jsonl'} (plot with: rlhf plot {out})\n"
+        f"  metrics: {out / 'metrics.jsonl'}{_figure_note(out, 'reward_kl_tradeoff.png')}\n"
         f"  samples: {out / 'samples.jsonl'}"
     )
 
@@ -341,7 +437,7 @@ def _run_dpo(args) -> None:
     from .rl.dpo import train_dpo
 
     cfg = config_from_args(DPOConfig, args)
-    result = train_dpo(cfg)
+    result = train_dpo(cfg, figures=_figures)
     out = Path(cfg.out)
     before, after = result["before"]["accuracy"], result["after"]["accuracy"]
     tied = (
@@ -381,7 +477,7 @@ def _run_sweep(args) -> None:
 
     cfg = config_from_args(SweepConfig, args)
     plan = cfg.plan()
-    base = PPORunConfig(lr=cfg.lr, seed=cfg.seed, cache_dir=cfg.cache_dir)
+    base = PPORunConfig(lr=cfg.lr, seed=cfg.seed, cache_dir=cfg.cache_dir, report_to=cfg.report_to)
     base.validate()
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     save_options(cfg.out, "sweep", dataclasses.asdict(cfg))
@@ -393,6 +489,53 @@ def _run_sweep(args) -> None:
     )
 
 
+def _run_generate(args) -> None:
+    from .analysis.generate import format_rows, generate
+
+    cfg = config_from_args(GenerateConfig, args)
+    result = generate(cfg)
+    rows, out = result["rows"], result["out"]
+    if cfg.show:
+        print(format_rows(rows, cfg.show))
+    n_prompts = len(rows) // cfg.num_samples
+    replaced = " (replacing the file that was there)" if result["replaced"] else ""
+    source = result["source"]
+    plain = source.run_dir is None and source.base_dir is None  # no reference is known
+    compare = " --baseline DIR --reward-model DIR" if plain else ""
+    print(
+        f"generate: {_count(len(rows), 'response')} to {_count(n_prompts, 'prompt')} from "
+        f"{result['prompts_from']}, at most {result['response_tokens']} tokens, from "
+        f"{result['policy']}\n"
+        f"  responses: {out}{replaced}\n"
+        f"  compare the policy with {'a baseline' if plain else 'its reference'}: "
+        f"rlhf eval {cfg.policy}{compare}"
+    )
+
+
+def _run_eval(args) -> None:
+    from .analysis.eval_report import format_table
+    from .analysis.evaluate import evaluate
+
+    cfg = config_from_args(EvalConfig, args)
+    result = evaluate(cfg)
+    out, models = result["out"], result["models"]
+    replaced = ""
+    if result["replaced"] is not None:
+        earlier = result["replaced"]["win_rate"]
+        was = f", whose win rate was {100 * earlier:.1f}%" if earlier is not None else ""
+        replaced = f"\n  (replaced the earlier evaluation in {out}{was})"
+    print(
+        f"eval: {_count(result['policy']['n'], 'prompt')} from {result['prompts_from']}, "
+        f"{result['seconds']:.0f} s\n"
+        f"  policy:   {models['policy']}\n  baseline: {models['baseline']}\n"
+        f"  reward model: {models['reward_model'] or 'none'}\n\n"
+        f"{format_table(result)}\n\n"
+        f"  numbers: {out / 'eval.json'} (per-prompt responses and scores in per_prompt)\n"
+        f"  figure:  {out / 'eval.png'}{replaced}\n"
+        f"  read the responses themselves with: rlhf generate {cfg.policy}"
+    )
+
+
 COMMANDS = {
     "demo": _run_demo,
     "sft": _run_sft,
@@ -401,6 +544,8 @@ COMMANDS = {
     "dpo": _run_dpo,
     "plot": _run_plot,
     "sweep": _run_sweep,
+    "generate": _run_generate,
+    "eval": _run_eval,
 }
 
 

@@ -102,6 +102,18 @@ SFT_HELP_GROUPS = {
     "LoRA": "train low-rank adapters instead of every weight",
     "run": "seed, device and cache",
 }
+GENERATE_HELP_GROUPS = {
+    "inputs": "the prompts and how they are given to the model",
+    "generation": "how responses are sampled",
+    "outputs": "what is written, and shown",
+    "run": "how many, in what batches, seed, device and cache",
+}
+EVAL_HELP_GROUPS = {
+    "inputs": "what is compared and judged, and the prompts (default: the run's own)",
+    "generation": "how responses are sampled",
+    "outputs": "what is written to --out",
+    "run": "how many prompts, in what batches, seed, device and cache",
+}
 OPTION_GROUP = {
     **dict.fromkeys(
         ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
@@ -111,9 +123,11 @@ OPTION_GROUP = {
     ),
     **dict.fromkeys(
         ("out", "sample_every", "save_every", "keep_checkpoints", "merge_lora", "sample_prompts",
-         "sample_tokens"), "outputs"
+         "sample_tokens", "report_to", "run_name"), "outputs"
     ),
-    **dict.fromkeys(("temperature", "top_k", "top_p"), "generation"),
+    **dict.fromkeys(("temperature", "top_k", "top_p", "num_samples"), "generation"),
+    **dict.fromkeys(("base_model", "baseline"), "inputs"),
+    "show": "outputs",
     "response_tokens": ("generation", "preference data"),  # train-reward samples pairs with it
     **dict.fromkeys(("seed", "device", "cache_dir", "resume", "gold"), "run"),
     **dict.fromkeys(

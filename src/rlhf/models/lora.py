@@ -64,7 +64,7 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        with torch.random.fork_rng(devices=[]), _peft_quietly():
+        with torch.random.fork_rng(devices=[]), peft_quietly():
             torch.manual_seed(seed)
             return get_peft_model(lm, config, adapter_name=adapter_name).train(lm.training)
     except ValueError as exc:  # no layer matched --lora-target-modules
@@ -83,7 +83,7 @@ def apply_lora(
 
 
 @contextlib.contextmanager
-def _peft_quietly():
+def peft_quietly():
     """PEFT asks the model `is_gradient_checkpointing`, which transformers 5 deprecates with a
     FutureWarning on every wrap: a warning about PEFT's code, not the user's, so not shown."""
     with warnings.catch_warnings():
@@ -114,7 +114,7 @@ def load_adapter(
     from peft import PeftModel
 
     try:
-        with _peft_quietly():
+        with peft_quietly():
             if is_peft(lm):
                 lm.load_adapter(str(directory), adapter_name=adapter_name, is_trainable=trainable)
                 return lm

@@ -25,7 +25,7 @@ from .forward import (
     position_ids_from_mask,
 )
 from .loading import check_model_dir, load_causal_lm
-from .lora import adapter_base, is_peft, load_adapter, save_adapter
+from .lora import adapter_base, is_peft, load_adapter, peft_quietly, save_adapter
 from .reward_model import RewardModel, load_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -156,7 +156,8 @@ def save_lm(
         save_adapter(lm, directory)
         if merged is not None:
             base = load_causal_lm(check_model_dir(adapter_base(directory)), dtype=torch.float32)
-            merged_lm = load_adapter(base, directory).merge_and_unload()
+            with peft_quietly():
+                merged_lm = load_adapter(base, directory).merge_and_unload()
             merged_lm.save_pretrained(merged, safe_serialization=True)
             tokenizer.save_pretrained(merged)
     else:
@@ -190,7 +191,8 @@ class ValueModel(nn.Module):
         reward model's adapter is merged into its copy, so the whole network is trained)."""
         lm = copy.deepcopy(reward_model.base_model)
         if is_peft(lm):
-            lm = lm.merge_and_unload()
+            with peft_quietly():
+                lm = lm.merge_and_unload()
         head = copy.deepcopy(reward_model.reward_head).float()
         with torch.no_grad():
             gain = reward_model.reward_gain.float()

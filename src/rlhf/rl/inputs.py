@@ -34,7 +34,7 @@ def default_reward_model_dir(
     root = default_cache_dir(cache_dir)
     reward_fields = dataclasses.asdict(reward_cfg)
     # Options that do not change the built-in model stay out of the key (it has no --data).
-    for name in ("out", "device", "cache_dir", "model", "data"):
+    for name in ("out", "device", "cache_dir", "model", "data", "report_to", "run_name"):
         reward_fields.pop(name)
     for name in ("prompt_field", "chosen_field", "rejected_field"):
         reward_fields.pop(name)

@@ -337,7 +337,8 @@ class Interrupted(RLHFError):
 # of the earlier run (TensorBoard event files especially, which accumulate) mixes with the new one.
 RUN_OUTPUTS = (
     "metrics.jsonl", "samples.jsonl", "config.json", "config.yaml", "summary.json", "tensorboard", "checkpoints",
-    "policy", "reward_kl_tradeoff.png", "training_diagnostics.png",
+    "policy", "reward_kl_tradeoff.png", "training_diagnostics.png", "trackers.json",
+    "eval", "generations.jsonl",  # `rlhf eval` and `rlhf generate` of the earlier policy
 )  # fmt: skip
 
 

@@ -45,6 +45,8 @@ def test_every_training_command_takes_a_config(tmp_path, monkeypatch):
     config = write(tmp_path / "x.yaml", "seed: 5\n")
     for command in ("demo", "sft", "train-reward", "ppo", "dpo", "sweep"):
         assert parsed(monkeypatch, [command, "--config", str(config)]).seed == 5, command
+    for command in ("generate", "eval"):  # they take the policy folder on the command line
+        assert parsed(monkeypatch, [command, "runs/x", "--config", str(config)]).seed == 5
 
 
 def test_a_list_stands_for_a_comma_separated_option(tmp_path, monkeypatch):

@@ -657,7 +657,7 @@ def _main(argv: list[str]) -> int:
         code = getattr(exc, "exit_code", 2)  # 130 for Ctrl-C (rl.run.Interrupted)
         label = "error: " if code == 2 else ""
         message = str(exc)
-        if code == 130 and getattr(exc, "resumable", False) and args.command == "ppo":
+        if getattr(exc, "resumable", False) and args.command == "ppo":
             message = f"{exc.what}. Continue with: {resume_command(argv)}"
         elif code == 130 and args.command != "ppo":
             # Only `rlhf ppo` has --resume; demo and sweep rerun their PPO runs from the start.

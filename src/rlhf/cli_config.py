@@ -97,6 +97,11 @@ def _convert(action: argparse.Action, value):
         if isinstance(value, bool):
             return value
         raise ValueError(f"expected true or false, got {value!r}")
+    if isinstance(action, argparse._AppendAction):  # a repeatable option: a list, or one value
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (list, dict, bool)) for v in items):
+            raise ValueError(f"expected a list of values, got {value!r}")
+        return [action.type(str(v)) if action.type else str(v) for v in items]
     if isinstance(value, (dict, set)):
         raise ValueError(f"expected a single value, got {type(value).__name__} {value!r}")
     if isinstance(value, list):

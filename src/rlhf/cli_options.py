@@ -27,7 +27,10 @@ examples:
   rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
   rlhf ppo --advantage-estimator rloo --samples-per-prompt 4 --batch-size 16 --out runs/rloo
   rlhf dpo --data prefs.jsonl --model ./my-sft-model --out runs/dpo
+  rlhf ppo --config runs/ppo/config.yaml --out runs/ppo-again --report-to tensorboard,wandb
   rlhf plot runs/ppo
+  rlhf generate runs/ppo --prompt "the acting was"
+  rlhf eval runs/ppo             win rate over the starting model, KL, gold: is the run better?
 
 Each command's --help lists its options by group, with examples.
 """
@@ -74,6 +77,7 @@ PPO_HELP_GROUPS = {
     "outputs": "what is written to --out, and how often",
     "PPO": "the PPO update; (ppo-details N) refers to docs/ppo-details.md",
     "advantages": "the advantage estimator: GAE with a critic, or a critic-free group baseline",
+    "rewards": "what scores a response: the reward model, Python reward functions, a reward server",
     "KL penalty": "the penalty that keeps the policy near the reference",
     "generation": "how responses are sampled during training",
     "LoRA": "train low-rank adapters instead of every weight",
@@ -141,6 +145,11 @@ OPTION_GROUP = {
         "memory and speed",
     ),
     **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
+    **dict.fromkeys(
+        ("reward_fn", "reward_weights", "reward_model_weight", "reward_url", "reward_timeout",
+         "reward_retries", "reward_batch_size"),
+        "rewards",
+    ),
 }  # fmt: skip
 OPTION_GROUP_BY_PREFIX = {
     ("eval_",): ("evaluation",),
@@ -232,6 +241,11 @@ def add_config_arguments(
             target.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+        elif typing.get_origin(tp) is list:  # a repeatable option
+            target.add_argument(
+                flag, action="append", type=typing.get_args(tp)[0], default=list(default),
+                metavar=f.name.upper(), help=f"{help_text} (repeatable)",
+            )  # fmt: skip
         elif typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
             target.add_argument(

@@ -408,4 +408,17 @@ def plot_run_dir(run_dir: str | Path) -> list[Path]:
     plot_reward_kl_tradeoff(run_dir, written[0])
     if plot_diagnostics(run_dir, run_dir / "training_diagnostics.png") is not None:
         written.append(run_dir / "training_diagnostics.png")
+    terms = reward_terms(rows)
+    if terms != ["reward/reward_model"] and terms:  # functions or a server: each term's curve
+        written.append(run_dir / "reward_terms.png")
+        plot_runs(
+            {run_dir.name: rows}, written[-1], metrics=("objective/reward", *terms),
+            title=f"{run_dir.name}: the reward and its terms (each term's mean over the rows it scored)",
+        )  # fmt: skip
     return written
+
+
+def reward_terms(rows: list[dict]) -> list[str]:
+    """The `reward/<name>` terms a PPO run logged (their `_std` companions left out)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return [k for k in keys if k.startswith("reward/") and not k.endswith("_std")]

@@ -12,6 +12,7 @@ from .records import (
     Message,
     PreferencePair,
     read_preferences,
+    read_prompt_records,
     read_prompts,
     write_preferences,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "atomic_write_text",
     "read_jsonl",
     "read_preferences",
+    "read_prompt_records",
     "read_prompts",
     "read_table",
     "write_jsonl",

@@ -309,15 +309,24 @@ def read_prompts(path: str | Path, *, field: str = "prompt") -> list[str | list[
     file also works. Anything else: plain text, one prompt per line; blank lines are skipped and
     only the line terminator is removed, so spaces inside a prompt are kept.
     """
+    return read_prompt_records(path, field=field)[0]
+
+
+def read_prompt_records(
+    path: str | Path, *, field: str = "prompt"
+) -> tuple[list[str | list[Message]], dict[str, list]]:
+    """(prompts, columns): `read_prompts`' prompts and the records' other fields, one list per
+    field name with one value per prompt (None where a record lacks it). Reward functions get
+    the columns (an `answer` field reaches a verifier); a plain-text file has none."""
     table = read_table(path, "prompts", plain_text_ok=True)
     if table is None:
         lines = _split(path, _read_bytes(path))
         prompts = [t for n, raw in enumerate(lines, 1) if (t := _decode(path, n, raw)).strip()]
         if not prompts:
             raise _err(path, "has no prompts, only blank lines")
-        return prompts
+        return prompts, {}
     _check_columns(table, [(field,)], "name yours with --prompt-field")
-    prompts = []
+    prompts, others = [], []
     for at, value in table.records:
         rec = _object(table.name, value, **at)
         if field not in rec:
@@ -332,6 +341,8 @@ def read_prompts(path: str | Path, *, field: str = "prompt") -> list[str | list[
             is_list = isinstance(prompts[0], list)
             _kind_check(is_list, isinstance(prompt, list), table.name, at, field)
         prompts.append(prompt)
+        others.append({k: v for k, v in rec.items() if k != field})
     if not prompts:
         raise _err(table.name, "has no prompts")
-    return prompts
+    names = list(dict.fromkeys(k for rec in others for k in rec))
+    return prompts, {name: [rec.get(name) for rec in others] for name in names}

@@ -7,8 +7,9 @@ Item numbers ("ppo-details 19") refer to docs/ppo-details.md.
 
 from __future__ import annotations
 
+import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
@@ -306,11 +307,41 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
     """name of the prompt field in a --prompts file of records (text, or a list of messages rendered with the chat template)"""
     auto_resume: bool = False
     """continue from the newest checkpoint in --out if there is one, else start afresh (for torchrun --max-restarts: a restarted run carries on by itself)"""
+    reward_fn: list[str] = field(default_factory=list)
+    """a reward function, FILE.py:NAME or package.module:NAME, with TRL's signature fn(prompts, completions, **columns) -> list of float or None (None: does not apply to that row); the prompt records' other fields arrive as columns; repeat for several, summed with --reward-weights. Without --reward-model no reward model is loaded"""
+    reward_weights: str | None = None
+    """comma-separated weights of the --reward-fn terms, in order (default: 1 each)"""
+    reward_model_weight: float = 1.0
+    """weight of the reward model's score in the sum, when there are other reward terms"""
+    reward_url: str | None = None
+    """a reward server to score through (OpenRLHF's remote reward protocol: POST {"query", "prompts", "labels"}, answered with {"rewards"}), such as `rlhf serve-reward`'s http://HOST:PORT/get_reward; one more term in the sum"""
+    reward_url_weight: float = 1.0
+    """weight of the reward server's score in the sum"""
+    reward_label_field: str = "label"
+    """the prompt records' field sent to the reward server as each row's label (a reference answer); none: null labels"""
+    reward_timeout: float = 60.0
+    """seconds to wait for the reward server's answer to one request"""
+    reward_retries: int = 4
+    """times a failed request to the reward server is retried (waiting 1, 2, 4, ... s) before the run checkpoints and stops"""
+    reward_batch_size: int = 64
+    """rows per request to the reward server"""
 
     def validate(self) -> None:
         super().validate()
         self.validate_lora()
         self.validate_tracking()
+        from ..reward.sources import parse_weights
+
+        parse_weights(self.reward_weights, len(self.reward_fn))
+        for name in ("reward_model_weight", "reward_url_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number")
+        if self.reward_timeout <= 0 or self.reward_batch_size <= 0 or self.reward_retries < 0:
+            raise ConfigError(
+                "--reward-timeout and --reward-batch-size must be positive and --reward-retries "
+                f"at least 0, got {self.reward_timeout}, {self.reward_batch_size} and "
+                f"{self.reward_retries}"
+            )
         if self.merge_lora and not self.lora_r:
             raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")
         if self.lora_dropout:

@@ -1,6 +1,6 @@
 """The inputs of a PPO run: prompts, policy, reference, reward model and tokenizer.
 
-`load_run_inputs` checks and loads what `rlhf ppo` was given (or the built-in task's defaults);
+`load_run` checks and loads what `rlhf ppo` was given (or the built-in task's defaults);
 `default_reward_model_dir` trains the built-in task's reward model on first use and caches it.
 `run.train_ppo` runs the training loop on these inputs.
 """
@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import read_prompts
+from torch import nn
+
+from ..data import read_prompt_records
 from ..errors import ConfigError
 from ..models.reward_model import RewardModel
 from .config import PPORunConfig
@@ -77,11 +80,52 @@ def reward_model_folder(path: str | Path) -> Path:
     return path
 
 
+@dataclass
+class RunInputs:
+    """What `rlhf ppo` trains with. `columns` are the prompt records' other fields (one value per
+    prompt); `reward_model` is None when the rewards come from functions or a server only."""
+
+    prompts: list[str]
+    columns: dict[str, list]
+    policy: nn.Module
+    ref: nn.Module | None
+    reward_model: nn.Module | None
+    tokenizer: object
+    reward_terms: list = field(default_factory=list)
+
+
 def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
+    """(prompts, policy, reference, reward model, tokenizer), as `load_run` loads them."""
+    run = load_run(cfg, progress)
+    return run.prompts, run.policy, run.ref, run.reward_model, run.tokenizer
+
+
+def reward_terms(cfg: PPORunConfig) -> list:
+    """The reward terms besides the reward model: --reward-fn functions and the --reward-url
+    server, weighted. A server that does not answer now is a `ConfigError`, before any model
+    loads."""
+    from ..reward.sources import RewardTerm, load_reward_function, parse_weights
+
+    weights = parse_weights(cfg.reward_weights, len(cfg.reward_fn))
+    terms = [RewardTerm(load_reward_function(spec), w) for spec, w in zip(cfg.reward_fn, weights)]
+    if cfg.reward_url:
+        from ..reward.remote import RemoteReward
+
+        server = RemoteReward(
+            cfg.reward_url, timeout=cfg.reward_timeout, retries=cfg.reward_retries,
+            batch_size=cfg.reward_batch_size, label_field=cfg.reward_label_field,
+        )  # fmt: skip
+        server.check()
+        terms.append(RewardTerm(server, cfg.reward_url_weight))
+    return terms
+
+
+def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
     """Prompts, policy, reference, reward model and tokenizer, validated before any training.
 
     The prompts come back truncated to --max-prompt-tokens and, with --chat-template, wrapped in
-    the tokenizer's chat template.
+    the tokenizer's chat template. The reward functions are imported first, so that a wrong one
+    fails before any model loads; with functions and no --reward-model, no reward model loads.
     """
     from ..models.forward import cast_frozen, compute_dtype
     from ..models.generation import (
@@ -102,11 +146,16 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
 
     # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
     device = pick_device(cfg.device)
-    if cfg.model and not cfg.reward_model:
+    terms = reward_terms(cfg)
+    use_model = bool(cfg.reward_model) or not terms  # the built-in one when nothing else scores
+    if cfg.model and not (cfg.reward_model or terms):
         raise ConfigError(
-            "--model needs --reward-model (train one with `rlhf train-reward --model ...`)"
+            "--model needs a reward: --reward-model (train one with `rlhf train-reward --model "
+            "...`) or --reward-fn"
         )
-    prompts = read_prompts(cfg.prompts, field=cfg.prompt_field) if cfg.prompts else None
+    prompts, columns = (
+        read_prompt_records(cfg.prompts, field=cfg.prompt_field) if cfg.prompts else (None, {})
+    )
     for directory in (cfg.model, cfg.ref_model):
         if directory:
             check_model_dir(directory)
@@ -171,6 +220,8 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
         ref = load_causal_lm(ref_dir, trust_remote_code=code).requires_grad_(False)
         match_vocab(ref, tokenizer, ref_dir)
         ref = cast_frozen(ref, frozen_dtype).to(device)
+    if not use_model:
+        return RunInputs(prompts, columns, policy.to(device), ref, None, tokenizer, terms)
     if cfg.reward_model:
         rm_dir = reward_model_folder(cfg.reward_model)
     else:
@@ -189,7 +240,9 @@ def load_run_inputs(cfg: PPORunConfig, progress: bool = True):
     if not share and cfg.value_model != "reward":  # the critic is copied from it in float32
         reward_model.requires_grad_(False)
         cast_frozen(reward_model.base_model, frozen_dtype, keep_head=False)
-    return prompts, policy.to(device), ref, reward_model.to(device), tokenizer
+    return RunInputs(
+        prompts, columns, policy.to(device), ref, reward_model.to(device), tokenizer, terms
+    )
 
 
 def check_positions(

@@ -35,6 +35,7 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, R)
     returns: torch.Tensor | None = None  # (B, R)
     timings: dict[str, float] = field(default_factory=dict)
+    reward_terms: torch.Tensor | None = None  # (B, T) each reward term's value, NaN where none
 
     @property
     def P(self) -> int:
@@ -64,7 +65,7 @@ def repad(b: Rollout, P: int, R: int, pad_token_id: int) -> Rollout:
     return Rollout(
         ids, mask, per_token["response_mask"], per_token["logprobs"], per_token["ref_logprobs"],
         per_token["values"], b.scores, per_token["kl"], b.prompts, b.texts, b.ended,
-        timings=dict(b.timings),
+        timings=dict(b.timings), reward_terms=b.reward_terms,
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..data import JsonlWriter, atomic_write_json, read_jsonl, write_jsonl
 from ..errors import ConfigError, RLHFError
+from ..reward.sources import RewardError, RewardUnavailable
 from ..tracking import (
     RunLogger,
     progress_bar,
@@ -36,7 +37,7 @@ from .checkpoint import (
 from .config import METHOD_NAMES, PPORunConfig
 from .detector import HackingDetector
 from .distributed import Discard, PeerFailed, check_world
-from .inputs import load_run_inputs
+from .inputs import load_run
 from .launch import init_world, leave_together
 from .sharded_state import save_final_policy
 from .step import ppo_step as ppo_step  # re-exported
@@ -45,20 +46,33 @@ from .update import NonFiniteError
 
 
 class PromptStream:
-    """Batches drawn from shuffled passes over the prompt pool; its position can be saved."""
+    """Batches drawn from shuffled passes over the prompt pool; its position can be saved.
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int):
+    The pool holds the prompts' indices, so a batch brings its records' other fields (`columns`,
+    for reward functions) along with the prompts."""
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int, columns: dict | None = None):
         self.prompts, self.batch_size = list(prompts), batch_size
+        self.columns = columns or {}
         self.rng = random.Random(seed)
-        self.pool: list[str] = []
+        self.pool: list[int] = []
 
-    def next(self) -> list[str]:
+    def next_rows(self) -> list[int]:
+        """The indices of the next batch's prompts."""
         while len(self.pool) < self.batch_size:
-            fresh = list(self.prompts)
-            self.rng.shuffle(fresh)
+            fresh = list(range(len(self.prompts)))
+            self.rng.shuffle(fresh)  # the same permutation a shuffle of the prompts would make
             self.pool += fresh
         batch, self.pool = self.pool[: self.batch_size], self.pool[self.batch_size :]
         return batch
+
+    def next(self) -> list[str]:
+        return self.batch(self.next_rows())[0]
+
+    def batch(self, rows: list[int]) -> tuple[list[str], dict[str, list]]:
+        """The prompts and columns of these rows."""
+        columns = {name: [vs[i] for i in rows] for name, vs in self.columns.items()}
+        return [self.prompts[i] for i in rows], columns
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
@@ -71,7 +85,11 @@ class PromptStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate((state["rng_version"], tuple(state["rng_internal"]), state["rng_gauss"]))
-        self.pool = list(state["pool"])
+        pool = list(state["pool"])
+        if pool and isinstance(pool[0], str):  # a checkpoint from before the pool held indices
+            first = {p: i for i, p in reversed(list(enumerate(self.prompts)))}
+            pool = [first[p] for p in pool]
+        self.pool = pool
 
 
 class _GracefulStop:
@@ -155,9 +173,7 @@ def train_ppo(
                 f"--steps {cfg.steps} leaves nothing to run"
             )
     try:
-        prompts, policy, ref, reward_model, tokenizer = world.main_first(
-            lambda: load_run_inputs(cfg, progress)
-        )
+        inputs = world.main_first(lambda: load_run(cfg, progress))
     except PeerFailed:
         leave_together()  # rank 0 failed and told every process
         raise
@@ -169,8 +185,12 @@ def train_ppo(
     set_seed(cfg.seed)
     builtin_prompts = cfg.prompts is None
     gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
-    trainer = PPOTrainer(policy, ref, reward_model, tokenizer, cfg, gold_judge=gold, world=world)
-    stream = PromptStream(prompts, cfg.batch_size, cfg.seed)
+    tokenizer = inputs.tokenizer
+    trainer = PPOTrainer(
+        inputs.policy, inputs.ref, inputs.reward_model, tokenizer, cfg, gold_judge=gold,
+        world=world, reward_terms=inputs.reward_terms, reward_model_weight=cfg.reward_model_weight,
+    )  # fmt: skip
+    stream = PromptStream(inputs.prompts, cfg.batch_size, cfg.seed, inputs.columns)
     detector = HackingDetector()
     first_step = _resume(out, trainer, stream, detector) if cfg.resume else 0
     if main:
@@ -202,14 +222,14 @@ def train_ppo(
         _GracefulStop(speak=main) as stop,
     ):
 
-        def checkpoint(done: int) -> Path:
+        def checkpoint(done: int, stream_state: dict | None = None) -> Path:
             rows = (
                 [r for r in read_jsonl(out / "metrics.jsonl", allow_empty=True) if r["step"] < done]
                 if main
                 else []
             )
             extra = {
-                "stream": stream.state_dict(),
+                "stream": stream_state or stream.state_dict(),
                 "detector": dict(vars(detector)),
                 "metrics": rows,
             }
@@ -217,7 +237,9 @@ def train_ppo(
 
         try:
             for step in range(first_step, cfg.steps):
-                metrics = trainer.step(stream.next())
+                # Where the step starts, for a checkpoint of it if its reward cannot be had.
+                before = (stream.state_dict(), trainer.generator.get_state())
+                metrics = trainer.step(*stream.batch(stream.next_rows()))
                 # Row `step` describes the policy after `step` updates: its rollout came first.
                 logger.log(step, metrics)
                 postfix = {
@@ -267,10 +289,21 @@ def train_ppo(
             raise Interrupted(
                 f"{where}; the newest checkpoint is {last[-1]}", resumable=True
             ) from None
-        except NonFiniteError as exc:
+        except (NonFiniteError, RewardError) as exc:
+            # Raised before the step's update: the weights are those of the last finished step.
             last = checkpoint_dirs(out)
             kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-            raise NonFiniteError(f"{exc}{kept}") from None
+            raise type(exc)(f"{exc}{kept}") from None
+        except RewardUnavailable as exc:
+            # The reward went away (a server): nothing is wrong with the run, so it is saved as
+            # it was when this step began (its prompts and sampling draws not yet used) and can
+            # continue with --resume once the reward is back.
+            trainer.generator.set_state(before[1])
+            saved = checkpoint(step, stream_state=before[0])
+            leave_together()
+            raise RewardLost(
+                f"{exc}; saved checkpoint {saved} (step {step} of {cfg.steps})", resumable=True
+            ) from None
         finally:
             bar.close()
     with quiet_transformers_bars():
@@ -331,6 +364,13 @@ class Interrupted(RLHFError):
         self.what, self.resumable = what, resumable
         tail = ". Continue by running it again with --resume (resume=True)" if resumable else ""
         super().__init__(what + tail)
+
+
+class RewardLost(Interrupted):
+    """The reward source went away mid-run (a server, after its retries); the run was saved as it
+    was when the failing step began. Exit code 75, EX_TEMPFAIL: try again later (sysexits.h)."""
+
+    exit_code = 75
 
 
 # What a run writes into its folder; a new run without --resume removes these first, so nothing

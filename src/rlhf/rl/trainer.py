@@ -44,6 +44,7 @@ from ..models.generation import decode_responses, encode_prompts, sample_respons
 from ..models.lora import is_peft
 from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
+from ..reward.sources import Rewards, RewardTerm, ScoreBatch
 from .advantages import compute_advantages
 from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
 from .distributed import TrainedModules, World, check_world
@@ -88,6 +89,32 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable({"use_reentrant": False})
 
 
+class _ModelScore:
+    """The trainer's reward model as a reward source: scored on the policy's own tokens."""
+
+    name = "reward_model"
+
+    def __init__(self, trainer: PPOTrainer):
+        self.trainer = trainer
+        self.where = "--reward-model"
+
+    def score(self, batch: ScoreBatch) -> list[float]:
+        query_response, attention_mask, P = batch.tokens
+        return self.trainer._score(
+            batch.prompts, batch.completions, query_response, attention_mask, P
+        ).tolist()
+
+
+def term_metrics(names: list[str], values: torch.Tensor) -> dict[str, float]:
+    """`reward/<name>` (mean) and `reward/<name>_std` of each term over the rows it scored."""
+    metrics = {}
+    for name, column in zip(names, values.T):
+        scored = column[~torch.isnan(column)]
+        metrics[f"reward/{name}"] = scored.mean().item() if len(scored) else float("nan")
+        metrics[f"reward/{name}_std"] = scored.std().item() if len(scored) > 1 else 0.0
+    return metrics
+
+
 class PPOTrainer(PPOUpdate):
     """Holds the models, the optimizer, the KL controller and the config; `step(prompts)` runs PPO.
 
@@ -110,6 +137,8 @@ class PPOTrainer(PPOUpdate):
         reward_tokenizer=None,
         gold_judge=None,
         world: World | None = None,
+        reward_terms: list[RewardTerm] | None = None,
+        reward_model_weight: float = 1.0,
     ):
         self.config = config or PPOConfig()
         self.config.validate()
@@ -120,6 +149,11 @@ class PPOTrainer(PPOUpdate):
             raise ConfigError(
                 "ref_model is None but the policy has no LoRA adapters to switch off; pass the "
                 "reference (a frozen copy of the starting policy, e.g. copy.deepcopy(policy))"
+            )
+        if reward_model is None and cfg.value_model == "reward":
+            raise ConfigError(
+                "--value-model reward starts the critic from the reward model, and this run has "
+                "none (its rewards come from functions or a server); use --value-model shared"
             )
         shares_base = getattr(reward_model, "adapter_name", None) is not None
         if ref_model is lm or (getattr(reward_model, "base_model", None) is lm and not shares_base):
@@ -149,7 +183,11 @@ class PPOTrainer(PPOUpdate):
             else None
         )
         self.ref_model = _freeze(ref_model, self.dtype) if ref_model is not None else None
-        self.reward_model = reward_model if shares_base else _freeze(reward_model, self.dtype)
+        self.reward_model = (
+            reward_model
+            if shares_base or reward_model is None
+            else _freeze(reward_model, self.dtype)
+        )
         if is_peft(self.policy.lm):
             cast_frozen(self.policy.lm, self.dtype)  # the base weights; the adapters stay float32
         if self.policy.value_head is not None and not own_head:
@@ -172,13 +210,19 @@ class PPOTrainer(PPOUpdate):
         self.same_tokenizer = self.reward_tokenizer is tokenizer or (
             self.reward_tokenizer.get_vocab() == tokenizer.get_vocab()
         )
-        if not self.same_tokenizer:  # it re-encodes the text: cut to its own positions
+        if (
+            not self.same_tokenizer and reward_model is not None
+        ):  # it re-encodes the text: cut to its own positions
             from ..models.loading import config_position_limit
 
             config = getattr(reward_model.base_model, "config", None)
             limit = config_position_limit(config.to_dict()) if config is not None else None
             self.reward_max_length = limit or sys.maxsize
         self.gold_judge = gold_judge
+        # The reward: the reward model's score (a term like any other), plus any functions or
+        # servers, weighted and summed (`reward.sources`).
+        model_term = [RewardTerm(_ModelScore(self), reward_model_weight)] if reward_model else []
+        self.rewards = Rewards(model_term + list(reward_terms or []))
         for model in (self.policy, self.ref_model, self.reward_model, self.value_model):
             if model is not None:
                 swap_slow_gelu(model)
@@ -277,9 +321,7 @@ class PPOTrainer(PPOUpdate):
         return self._scaled(logits[:, -(R + 1) : -1])  # (B, R, V)
 
     @torch.no_grad()
-    def _score(
-        self, prompts, texts, query_response, attention_mask, lengths, ended, P: int
-    ) -> torch.Tensor:
+    def _score(self, prompts, texts, query_response, attention_mask, P: int) -> torch.Tensor:
         """Reward-model score of each sequence, read at its EOS (ppo-details 7, 10)."""
         if not self.same_tokenizer:
             from ..reward.loss import score_texts
@@ -300,7 +342,7 @@ class PPOTrainer(PPOUpdate):
 
     # ----- phases 1-4: rollout, gather, rewards and advantages ------------------------------
     @torch.no_grad()
-    def rollout(self, prompts: list[str]) -> Rollout:
+    def rollout(self, prompts: list[str], columns: dict[str, list] | None = None) -> Rollout:
         """Sample responses to the global batch `prompts`, score them, and compute advantages.
 
         Each prompt is sampled --samples-per-prompt times, in consecutive rows. Each process samples and scores its share of the rows, in chunks of
@@ -309,7 +351,9 @@ class PPOTrainer(PPOUpdate):
         a row's response depends only on the seed, the step and its position in the batch.
         """
         cfg, world = self.config, self.world
-        prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+        k = cfg.samples_per_prompt
+        prompts = [p for p in prompts for _ in range(k)]
+        columns = {name: [v for v in vs for _ in range(k)] for name, vs in (columns or {}).items()}
         B = len(prompts)
         if B % world.size:
             raise ConfigError(
@@ -320,16 +364,23 @@ class PPOTrainer(PPOUpdate):
         )  # (B, R)
         mine = world.shard(B)
         local, local_u = prompts[mine], uniforms[mine]
+        local_columns = {name: vs[mine] for name, vs in columns.items()}
         chunk = cfg.rollout_batch_size or len(local)
         pieces = [
-            self._rollout_chunk(local[s : s + chunk], local_u[s : s + chunk])
+            self._rollout_chunk(
+                local[s : s + chunk],
+                local_u[s : s + chunk],
+                {name: vs[s : s + chunk] for name, vs in local_columns.items()},
+            )  # fmt: skip
             for s in range(0, len(local), chunk)
         ]
         b = gather(join(pieces, self.tokenizer.pad_token_id), world, self.tokenizer.pad_token_id)
         self.compute_advantages(b)
         return b
 
-    def _rollout_chunk(self, prompts: list[str], uniforms: torch.Tensor) -> Rollout:
+    def _rollout_chunk(
+        self, prompts: list[str], uniforms: torch.Tensor, columns: dict[str, list]
+    ) -> Rollout:
         cfg, tok = self.config, self.tokenizer
         timings = {}
         t0 = time.perf_counter()
@@ -371,16 +422,26 @@ class PPOTrainer(PPOUpdate):
         timings["time/forward_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = self._score(
-            prompts, texts, query_response, attention_mask, lengths, ended, P
-        )  # (B,)
+        completion_ids = [
+            row[: n - int(e)].tolist() for row, n, e in zip(response, lengths.tolist(), ended_list)
+        ]
+        batch = ScoreBatch(
+            list(prompts), texts, ended_list, columns, completion_ids,
+            tokens=(query_response, attention_mask, P),
+        )  # fmt: skip
+        totals, terms = self.rewards.score(batch)
+        scores = torch.tensor(totals, dtype=torch.float32, device=self.device)  # (B,)
+        nan = float("nan")
+        reward_terms = torch.tensor(
+            [[nan if v is None else v for v in vs] for vs in terms], dtype=torch.float32
+        ).T.to(self.device)  # (B, T); NaN where a term does not apply
         if cfg.missing_eos_penalty is not None:  # ppo-details 6
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         timings["time/score_s"] = time.perf_counter() - t0
         return Rollout(
             query_response, attention_mask, response_mask, logprobs, ref_logprobs,
             values * response_mask, scores, kl, list(prompts), texts, ended_list,
-            timings=timings,
+            timings=timings, reward_terms=reward_terms,
         )  # fmt: skip
 
     # ----- phases 2-4: rewards and advantages on the global batch ---------------------------
@@ -389,13 +450,14 @@ class PPOTrainer(PPOUpdate):
         compute_advantages(b, self.config, self.kl_ctl.value)
 
     # ----- one step --------------------------------------------------------------------------
-    def step(self, prompts: list[str]) -> dict[str, float]:
-        """One PPO step on these prompts (the global batch, the same list in every process)."""
+    def step(self, prompts: list[str], columns: dict[str, list] | None = None) -> dict[str, float]:
+        """One PPO step on these prompts (the global batch, the same list in every process);
+        `columns` are the prompt records' other fields, one value per prompt, for reward functions."""
         from ..text_stats import distinct_n, mean_repetition
 
         start = time.perf_counter()
         beta = self.kl_ctl.value
-        b = self.rollout(list(prompts))
+        b = self.rollout(list(prompts), columns)
         if not torch.isfinite(b.scores).all():
             raise NonFiniteError(
                 f"step {self.step_count + 1}: the reward model returned a non-finite score"
@@ -419,6 +481,7 @@ class PPOTrainer(PPOUpdate):
                 "text/repetition": mean_repetition(b.texts, 1),
                 "lr": self.scheduler.get_last_lr()[0],
             }
+            metrics.update(term_metrics(self.rewards.names, b.reward_terms))
         if self.gold_judge is not None:
             gold = self.gold_judge.score_batch(b.prompts, b.texts, b.ended)
             metrics["objective/gold"] = sum(gold) / len(gold)

@@ -184,7 +184,7 @@ def test_help_imports_no_torch():
         "import sys\n"
         "from rlhf.cli import main\n"
         "for argv in ([], ['--help'], *([c, '--help'] for c in "
-        "('demo', 'train-reward', 'ppo', 'dpo', 'plot', 'sweep'))):\n"
+        "('demo', 'train-reward', 'ppo', 'dpo', 'plot', 'sweep', 'serve-reward'))):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"

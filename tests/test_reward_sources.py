@@ -218,6 +218,11 @@ def test_a_run_scored_by_functions_alone_loads_no_reward_model(
         assert call["prompts"][0::2] == call["prompts"][1::2]
         assert all(isinstance(ids, list) for ids in call["ids"])
     assert (out / "reward_terms.png").is_file()  # each term's curve, drawn at the end
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert set(sample["terms"]) == {"answer_match", "length"}
+    answer = by_prompt[sample["prompt"]]["answer"]
+    expected = None if answer is None else float(answer in sample["response"])
+    assert sample["terms"]["answer_match"] == expected
     for row in metrics(out):
         assert "reward/reward_model" not in row
         # Rows without an answer have no answer_match term, so the total's mean is not the

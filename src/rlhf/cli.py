@@ -27,6 +27,7 @@ from .cli_options import (
     PPO_HELP_GROUPS,
     REWARD_EXAMPLES,
     REWARD_HELP_GROUPS,
+    SERVE_HELP_GROUPS,
     SFT_HELP_GROUPS,
     add_config_arguments,
     add_config_file_argument,
@@ -37,6 +38,7 @@ from .cli_options import (
 from .cli_options import field_docs as field_docs  # re-exported
 from .errors import RLHFError
 from .reward.config import RewardConfig
+from .reward.serve import ServeRewardConfig
 from .rl.config import METHOD_NAMES, PPORunConfig
 from .rl.dpo_config import DPOConfig
 from .sft.config import SFTConfig
@@ -97,6 +99,16 @@ examples:
                                  a Hugging Face model folder on your prompt file
   rlhf generate runs/ppo-lora/policy --base-model ./my-sft-model --prompts prompts.txt
                                  a LoRA adapter, on the base model it was trained from
+"""
+
+SERVE_REWARD_EXAMPLES = """\
+examples:
+  rlhf serve-reward --reward-model runs/rm --port 8000
+  rlhf ppo --reward-url http://127.0.0.1:8000/get_reward --out runs/ppo
+                                 the reward model in another process; the trainer loads none
+  rlhf serve-reward --reward-model runs/rm --host 0.0.0.0 --port 5000 --device cuda
+                                 on a GPU machine, for trainers elsewhere (OpenRLHF's included:
+                                 --reward.remote_url http://THIS-HOST:5000/get_reward)
 """
 
 EVAL_EXAMPLES = """\
@@ -226,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ppo",
         help="fine-tune a policy with PPO against a reward model, with a KL penalty",
         description=wrap(
-            "PPO with a per-token KL penalty to a frozen reference. With no options it runs on the built-in "
+            "PPO (or RLOO, GRPO, REINFORCE++ by --advantage-estimator) with a per-token KL penalty to a "
+            "frozen reference. The reward comes from a reward model, Python functions (--reward-fn) or a "
+            "reward server (--reward-url), weighted and summed. With no options it runs on the built-in "
             "task (training its reward model first if the cache has none). Writes metrics.jsonl, "
             "samples.jsonl, config.json, TensorBoard logs and the final policy (Hugging Face format) to --out; "
             "a folder that holds an earlier run is replaced unless --resume is given."
@@ -320,6 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
         "policy", nargs="?", metavar="POLICY", help=field_docs(EvalConfig)["policy"]
     )
     add_config_arguments(evaluate, EvalConfig, skip=("policy",), groups=EVAL_HELP_GROUPS)
+
+    serve = sub.add_parser(
+        "serve-reward",
+        help="serve a trained reward model over HTTP, for rlhf ppo --reward-url (OpenRLHF's protocol)",
+        description=wrap(
+            "Load a reward model trained by `rlhf train-reward` and answer OpenRLHF's remote reward "
+            'model protocol: POST /get_reward with {"query": [prompt + response, ...], "prompts": '
+            '[...], "labels": [...]} is answered with {"rewards": [...]}, one score per query, read '
+            "as `rlhf ppo` reads them in-process. GET /health says what is served. Prints the URL to "
+            "give `rlhf ppo --reward-url` once the model is loaded; a trainer whose server goes away "
+            "mid-run retries, then checkpoints and says how to resume."
+        ),
+        usage="rlhf serve-reward --reward-model DIR [--host HOST] [--port PORT] [options]",
+        epilog=SERVE_REWARD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(serve, ServeRewardConfig, groups=SERVE_HELP_GROUPS)
 
     sweep = sub.add_parser(
         "sweep",
@@ -471,6 +502,12 @@ def _run_plot(args) -> None:
             print(f"wrote {path}")
 
 
+def _run_serve_reward(args) -> None:
+    from .reward.serve import serve_reward
+
+    serve_reward(config_from_args(ServeRewardConfig, args))
+
+
 def _run_sweep(args) -> None:
     from .analysis.frontier import frontier_sweep, peak_table
     from .tracking import save_options
@@ -544,6 +581,7 @@ COMMANDS = {
     "dpo": _run_dpo,
     "plot": _run_plot,
     "sweep": _run_sweep,
+    "serve-reward": _run_serve_reward,
     "generate": _run_generate,
     "eval": _run_eval,
 }

@@ -51,6 +51,10 @@ examples:
   rlhf ppo --model ./my-sft-model --reward-model runs/rm --prompts prompts.txt --out runs/ppo
                                  your SFT model, your reward model (the --out folder of
                                  `rlhf train-reward`) and your prompts
+  rlhf ppo --model ./my-sft-model --prompts problems.jsonl --advantage-estimator grpo \
+      --samples-per-prompt 8 --reward-fn rewards.py:exact_answer
+                                 rewards from a Python function (TRL's signature); the records'
+                                 other fields (an answer) reach it as columns
   rlhf ppo ... --resume          the same command plus --resume continues a stopped run; with a
                                  larger --steps it extends a finished one
   rlhf plot runs/ppo             reward/KL trade-off and diagnostics figures of a run
@@ -118,6 +122,11 @@ EVAL_HELP_GROUPS = {
     "outputs": "what is written to --out",
     "run": "how many prompts, in what batches, seed, device and cache",
 }
+SERVE_HELP_GROUPS = {
+    "inputs": "the reward model to serve, and how texts reach it",
+    "run": "device, threads and config file",
+    "server": "where it listens (OpenRLHF's protocol at /get_reward) and how it batches",
+}
 OPTION_GROUP = {
     **dict.fromkeys(
         ("model", "ref_model", "reward_model", "prompts", "data", "max_prompt_tokens",
@@ -146,7 +155,8 @@ OPTION_GROUP = {
     ),
     **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),
     **dict.fromkeys(
-        ("reward_fn", "reward_weights", "reward_model_weight", "reward_url", "reward_timeout",
+        ("reward_fn", "reward_weights", "reward_model_weight", "reward_url", "reward_url_weight",
+         "reward_label_field", "reward_timeout",
          "reward_retries", "reward_batch_size"),
         "rewards",
     ),

@@ -235,6 +235,16 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: cannot read ({str(exc).splitlines()[0]})") from None
 
 
+def reward_model_folder(path: str | Path) -> Path:
+    """The reward model in `path`: the folder itself, or the `reward_model/` inside the output
+    folder of `rlhf train-reward --out` (what users naturally pass)."""
+    path = Path(path)
+    inner = path / "reward_model"
+    if not (path / REWARD_HEAD_FILE).is_file() and (inner / REWARD_HEAD_FILE).is_file():
+        return inner
+    return path
+
+
 def check_reward_model_dir(directory: str | Path) -> Path:
     """The folder as a Path if it holds a reward model saved by `RewardModel.save_pretrained`."""
     if not (Path(directory) / ADAPTER_CONFIG).is_file():  # a LoRA reward model has no config.json

@@ -38,6 +38,10 @@ CONFIG_FILE = "config.json"
 RESUMABLE = frozenset({
     "out", "resume", "steps", "sample_every", "gold", "device", "cache_dir", "trust_remote_code",
     "save_every", "keep_checkpoints", "auto_resume", "gather_for_sampling",
+    # Where the reward server is and how patiently to ask it: a run stopped by a server that
+    # went away may resume against one restarted elsewhere. Its weight is part of the run.
+    "reward_url", "reward_timeout", "reward_retries", "reward_batch_size",
+    "report_to", "run_name",
 })  # fmt: skip
 
 

@@ -307,6 +307,8 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
     """name of the prompt field in a --prompts file of records (text, or a list of messages rendered with the chat template)"""
     auto_resume: bool = False
     """continue from the newest checkpoint in --out if there is one, else start afresh (for torchrun --max-restarts: a restarted run carries on by itself)"""
+    task: Literal["reviews", "arithmetic"] = "reviews"
+    """the built-in task behind every input not given: reviews (make film and product reviews positive; reward model trained on first use, sentiment gold judge) or arithmetic (answer sums such as 12+7=; a small model pretrained on first use, the strict verifier as the reward, strict accuracy as the gold score)"""
     reward_fn: list[str] = field(default_factory=list)
     """a reward function, FILE.py:NAME or package.module:NAME, with TRL's signature fn(prompts, completions, **columns) -> list of float or None (None: does not apply to that row); the prompt records' other fields arrive as columns; repeat for several, summed with --reward-weights. Without --reward-model no reward model is loaded"""
     reward_weights: str | None = None
@@ -318,7 +320,7 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
     reward_url_weight: float = 1.0
     """weight of the reward server's score in the sum"""
     reward_label_field: str = "label"
-    """the prompt records' field sent to the reward server as each row's label (a reference answer); none: null labels"""
+    """the prompt records' field sent to the reward server as each row's label (a reference answer); rows without it send an empty label, as OpenRLHF does"""
     reward_timeout: float = 60.0
     """seconds to wait for the reward server's answer to one request"""
     reward_retries: int = 4

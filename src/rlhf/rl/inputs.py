@@ -18,6 +18,7 @@ from torch import nn
 from ..data import read_prompt_records
 from ..errors import ConfigError
 from ..models.reward_model import RewardModel
+from ..models.reward_model import reward_model_folder as reward_model_folder  # re-exported
 from .config import PPORunConfig
 
 
@@ -68,18 +69,6 @@ def default_reward_model_dir(
     return target
 
 
-def reward_model_folder(path: str | Path) -> Path:
-    """The reward model in `path`: the folder itself, or the `reward_model/` inside the output
-    folder of `rlhf train-reward --out` (what users naturally pass)."""
-    from ..models.reward_model import REWARD_HEAD_FILE
-
-    path = Path(path)
-    inner = path / "reward_model"
-    if not (path / REWARD_HEAD_FILE).is_file() and (inner / REWARD_HEAD_FILE).is_file():
-        return inner
-    return path
-
-
 @dataclass
 class RunInputs:
     """What `rlhf ppo` trains with. `columns` are the prompt records' other fields (one value per
@@ -120,6 +109,16 @@ def reward_terms(cfg: PPORunConfig) -> list:
     return terms
 
 
+def arithmetic_reward():
+    """The arithmetic task's reward: its strict verifier (exactly the right number)."""
+    from ..reward.sources import RewardFunction, RewardTerm
+    from ..task.arithmetic import strict_reward
+
+    return RewardTerm(
+        RewardFunction(strict_reward, name="strict", where="rlhf.task.arithmetic:strict_reward")
+    )
+
+
 def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
     """Prompts, policy, reference, reward model and tokenizer, validated before any training.
 
@@ -147,6 +146,8 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
     # Cheap checks first, so that a wrong path fails in a second rather than after loading models.
     device = pick_device(cfg.device)
     terms = reward_terms(cfg)
+    if not terms and not cfg.reward_model and cfg.task == "arithmetic":
+        terms = [arithmetic_reward()]  # the task's own verifier, not the reviews' reward model
     use_model = bool(cfg.reward_model) or not terms  # the built-in one when nothing else scores
     if cfg.model and not (cfg.reward_model or terms):
         raise ConfigError(
@@ -161,12 +162,22 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
             check_model_dir(directory)
     if cfg.reward_model:
         check_reward_model_dir(reward_model_folder(cfg.reward_model))
-    if prompts is None:
+    if prompts is None and cfg.task == "arithmetic":
+        from ..task.arithmetic import arithmetic_prompts
+
+        records = arithmetic_prompts(4096, seed=cfg.seed, split="train")
+        prompts = [r["prompt"] for r in records]
+        columns = {"answer": [r["answer"] for r in records]}
+    elif prompts is None:
         from ..task import corpus
 
         prompts = corpus.prompts(4096, seed=cfg.seed, split="train")
     if cfg.model:
         policy_dir = Path(cfg.model)
+    elif cfg.task == "arithmetic":
+        from ..task.arithmetic_model import arithmetic_model_dir
+
+        policy_dir = arithmetic_model_dir(cache_dir=cfg.cache_dir, progress=progress)
     else:
         from ..task.default import base_model_dir
 

@@ -184,7 +184,10 @@ def train_ppo(
     # Seeded after loading: on a cold cache, loading trains models first and draws from the RNG.
     set_seed(cfg.seed)
     builtin_prompts = cfg.prompts is None
-    gold = GoldJudge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
+    judge = GoldJudge
+    if cfg.task == "arithmetic":
+        from ..task.arithmetic import ArithmeticJudge as judge
+    gold = judge() if (cfg.gold if cfg.gold is not None else builtin_prompts) else None
     tokenizer = inputs.tokenizer
     trainer = PPOTrainer(
         inputs.policy, inputs.ref, inputs.reward_model, tokenizer, cfg, gold_judge=gold,
@@ -443,4 +446,8 @@ def _write_samples(writer: JsonlWriter, step: int, trainer: PPOTrainer, n: int =
         }
         if gold is not None:
             row["gold"] = round(gold[i], 4)
+        names = trainer.rewards.names
+        if b.reward_terms is not None and names != ["reward_model"]:  # each term's say
+            values = b.reward_terms[i].tolist()
+            row["terms"] = {n: None if v != v else round(v, 4) for n, v in zip(names, values)}
         writer.write(row)

@@ -198,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None, help="cache for the built-in base model")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     demo.add_argument(
+        "--task",
+        choices=("reviews", "arithmetic"),
+        default="reviews",
+        help="reviews: make film and product reviews positive, judged by a sentiment gold "
+        "judge (default); arithmetic: answer sums, rewarded by a verifier, judged exactly "
+        "(runs/demo-arithmetic)",
+    )
+    demo.add_argument(
         "--report-to",
         default="tensorboard",
         help="where each PPO run's metrics go besides its metrics.jsonl: tensorboard, wandb, "
@@ -439,7 +447,7 @@ def _run_demo(args) -> None:
 
     run_demo(
         out=args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir,
-        device=args.device, report_to=args.report_to,
+        device=args.device, report_to=args.report_to, task=args.task,
     )  # fmt: skip
 
 

@@ -65,6 +65,7 @@ def run_demo(
     device: str = "auto",
     progress: bool = True,
     report_to: str = "tensorboard",
+    task: str = "reviews",
 ) -> dict:
     """Run the whole story and write report.md, summary.json and the figures into `out`
     (default `runs/demo`, or `runs/demo-quick` with `quick`).
@@ -74,23 +75,17 @@ def run_demo(
     """
     start = time.perf_counter()
     parse_report_to(report_to)  # a tracker that is not installed stops the demo before it starts
+    if task == "arithmetic":
+        from .analysis.arithmetic_demo import run_arithmetic_demo
+
+        out_dir = Path(out or ("runs/demo-arithmetic-quick" if quick else "runs/demo-arithmetic"))
+        _start_demo(out_dir, quick, seed, cache_dir, device, report_to, task)
+        return run_arithmetic_demo(out_dir, quick, seed, cache_dir, device, progress, report_to)
     out_dir = Path(out if out is not None else ("runs/demo-quick" if quick else "runs/demo"))
     demo = demo_config(quick, seed, device)
     timings: dict[str, float] = {}
 
-    kept = keep_earlier_report(out_dir)
-    if kept:
-        print(
-            f"{out_dir} held an earlier demo: its report is kept as {kept[0]}"
-            f"{f' (numbers in {kept[1].name})' if len(kept) > 1 else ''}; its runs and figures "
-            "are replaced"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_options(
-        out_dir, "demo",
-        {"out": str(out_dir), "quick": quick, "seed": seed, "cache_dir": cache_dir,
-         "device": device, "report_to": report_to},
-    )  # fmt: skip
+    _start_demo(out_dir, quick, seed, cache_dir, device, report_to, task)
     t0 = time.perf_counter()
     base_dir = base_model_dir(demo.base, cache_dir=cache_dir, progress=progress)
     info = base_model_info(base_dir)
@@ -180,6 +175,23 @@ def run_demo(
         f"done in {timings['total_s']:.0f} s. Open {out_dir / 'report.md'} (figures and tables); numbers in {out_dir / 'summary.json'}"
     )
     return summary
+
+
+def _start_demo(out_dir: Path, quick, seed, cache_dir, device, report_to, task) -> None:
+    """Keep an earlier demo's report (renamed, said in one line) and write config.yaml."""
+    kept = keep_earlier_report(out_dir)
+    if kept:
+        print(
+            f"{out_dir} held an earlier demo: its report is kept as {kept[0]}"
+            f"{f' (numbers in {kept[1].name})' if len(kept) > 1 else ''}; its runs and figures "
+            "are replaced"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_options(
+        out_dir, "demo",
+        {"out": str(out_dir), "quick": quick, "seed": seed, "cache_dir": cache_dir,
+         "device": device, "report_to": report_to, "task": task},
+    )  # fmt: skip
 
 
 def keep_earlier_report(out_dir: Path) -> list[Path]:

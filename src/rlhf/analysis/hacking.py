@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from ..data import atomic_write_json, atomic_write_text, read_jsonl
-from ..rl.config import PPORunConfig
+from ..rl.config import METHOD_NAMES, PPORunConfig
 from ..rl.run import train_ppo
 from .series import trailing_means
 
@@ -74,6 +74,7 @@ def demonstrate_reward_hacking(
     seed: int = 0,
     base: PPORunConfig | None = None,
     progress: bool = True,
+    titles: dict | None = None,
 ) -> dict:
     """Train one policy with `kl_coef` and one with 0, same base, reward model, seed and budget.
 
@@ -92,7 +93,8 @@ def demonstrate_reward_hacking(
         cfg = dataclasses.replace(
             base, out=str(out / name), kl_coef=beta, steps=steps, seed=seed, adaptive_kl=False
         )
-        what = "PPO with the KL penalty" if beta else "PPO without the KL penalty"
+        method = METHOD_NAMES[cfg.advantage_estimator]
+        what = f"{method} with the KL penalty" if beta else f"{method} without the KL penalty"
         result = train_ppo(cfg, progress=progress, label=f"{what} (kl_coef {beta:g})")
         run_dirs[name] = out / name
         summaries[name] = {
@@ -106,8 +108,10 @@ def demonstrate_reward_hacking(
     plot_runs(
         {label[n]: run_dirs[n] / "metrics.jsonl" for n in runs},
         path=out / "hacking.png",
-        title="Reward hacking: the same PPO run with and without the KL penalty",
+        title=f"Reward hacking: the same {METHOD_NAMES[base.advantage_estimator]} run with and "
+        "without the KL penalty",
         colors={label[n]: RUN_COLORS[n] for n in runs},
+        titles=titles,
     )
     example_steps = sorted({0, steps // 2, steps - 1})
     comparison = {

@@ -83,6 +83,7 @@ METRICS = {
     "val/explained_variance": ("value explained variance", "1 - Var(R - V) / Var(R)"),
     "text/distinct_2": ("distinct bigrams", "distinct-2 (fraction)"),
     "text/repetition": ("repetition", "repeated-word rate"),
+    "text/response_tokens": ("response length", "tokens, EOS included"),
 }
 _LOG_CANDIDATES = ("objective/kl", "objective/kl_penalty", "policy/approxkl")
 _RUN_COLORS = (
@@ -256,8 +257,11 @@ def plot_runs(
     smooth: float | str | None = "auto",
     log_kl: bool | str = "auto",
     colors: Mapping[str, str] | None = None,
+    titles: Mapping[str, tuple[str, str]] | None = None,
 ) -> Figure:
     """Several runs on shared axes, one panel per metric, one colour per run (legend below).
+
+    `titles` maps a metric to (panel title, y label), over the defaults of `METRICS`.
 
     A metric no run logged is skipped. KL panels switch to a symlog y-axis when the runs' KL
     scales differ by more than 30x (`log_kl="auto"`; True forces it, False never). `colors` maps
@@ -282,7 +286,7 @@ def plot_runs(
                 if y.size:
                     handles[label] = _draw(ax, x, y, color, label, smooth)
                     scales.append(float(np.abs(y).max()))
-            title_text, ylabel = METRICS.get(key, (key, ""))
+            title_text, ylabel = {**METRICS, **(titles or {})}.get(key, (key, ""))
             if key in _LOG_CANDIDATES and _wants_log(scales, log_kl):
                 ax.set_yscale("symlog", linthresh=_linthresh(scales))
                 ylabel = f"{ylabel}, symlog scale" if ylabel else "symlog scale"

@@ -90,7 +90,10 @@ def test_the_arithmetic_demo_writes_its_runs_and_report(tmp_path, tiny_task, cap
     for name, run in summary["runs"].items():
         assert 0 <= run["held_out"]["strict"] <= run["held_out"]["lenient"] <= 1, name
         assert (out / name / "policy").is_dir() and (out / name / "metrics.jsonl").is_file()
-    assert summary["runs"]["no_kl"]["kl_coef"] == 0 and summary["runs"]["strict"]["verifier"] == "strict"
+    assert (
+        summary["runs"]["no_kl"]["kl_coef"] == 0
+        and summary["runs"]["strict"]["verifier"] == "strict"
+    )
     report = (out / "report.md").read_text()
     for name in ("arithmetic.png", "hacking.png", "examples.md"):
         assert (out / name).is_file() and name in report

@@ -100,3 +100,24 @@ def test_the_arithmetic_demo_writes_its_runs_and_report(tmp_path, tiny_task, cap
     strict = summary["runs"]["strict"]["held_out"]["strict"]
     assert f"{strict:.3f}" in report  # the table shows the measured numbers
     assert "task: arithmetic" in (out / "config.yaml").read_text()
+
+
+def test_eval_of_an_arithmetic_run_uses_its_held_out_problems_and_verifier(
+    tmp_path, tiny_task, capsys
+):
+    out = tmp_path / "run"
+    argv = ["ppo", "--task", "arithmetic", "--advantage-estimator", "grpo",
+            "--samples-per-prompt", "4", "--batch-size", "4", "--minibatch-size", "8",
+            "--response-tokens", "8", "--steps", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["eval", str(out), "--num-prompts", "16"]) == 0
+    capsys.readouterr()
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    held_out = set(arithmetic.problems("eval"))
+    assert len(result["per_prompt"]) == 16
+    for row in result["per_prompt"]:
+        assert row["prompt"] in held_out
+        for side in ("policy", "baseline"):
+            right = arithmetic.solve(row["prompt"])
+            assert row[f"{side}_gold"] == float(arithmetic.is_strict_correct(row[side], right))
+    assert result["models"]["reward_model"] is None  # the verifier judges; no reward model

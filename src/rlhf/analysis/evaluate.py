@@ -208,6 +208,8 @@ def reward_model_dir(cfg: EvalConfig, source: PolicySource, progress: bool) -> P
                 "give the folder with --reward-model"
             )
         return check_reward_model_dir(reward_model_folder(given))
+    if source.builtin and source.task == "arithmetic":
+        return None  # scored by its verifier: the gold judge below, no reward model
     if source.builtin:
         cache = cfg.cache_dir or source.run_config.get("cache_dir")
         return default_reward_model_dir(cache, progress=progress) / "reward_model"
@@ -331,9 +333,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         )
     gold = {"policy": None, "baseline": None}
     if gold_on:
+        from ..task.arithmetic import ArithmeticJudge
         from ..task.gold import GoldJudge
 
-        judge = GoldJudge()
+        judge = ArithmeticJudge() if source.task == "arithmetic" else GoldJudge()
         for name, s in (("policy", pol), ("baseline", base)):
             gold[name] = judge.score_batch(raw, s.texts, s.ended)
 

@@ -55,6 +55,11 @@ class PolicySource:
         own_inputs = {"ppo": "prompts", "dpo": "data"}.get(self.kind)
         return cfg.get("model") is None or (own_inputs is not None and cfg.get(own_inputs) is None)
 
+    @property
+    def task(self) -> str:
+        """The built-in task the run was on: reviews (the default) or arithmetic."""
+        return self.run_config.get("task") or "reviews"
+
     def describe(self) -> str:
         what = f"LoRA adapter on {self.base_dir}" if self.base_dir else "model"
         run = f" of the {self.kind} run {self.run_dir}" if self.run_dir else ""
@@ -73,7 +78,11 @@ def _run_config(folder: Path) -> dict | None:
     return cfg if isinstance(cfg, dict) and "_environment" in cfg else None
 
 
-def builtin_base_dir(cache_dir: str | None, progress: bool = True) -> Path:
+def builtin_base_dir(cache_dir: str | None, progress: bool = True, task: str = "reviews") -> Path:
+    if task == "arithmetic":
+        from ..task.arithmetic_model import arithmetic_model_dir
+
+        return arithmetic_model_dir(cache_dir=cache_dir, progress=progress)
     from ..task.default import base_model_dir
 
     return base_model_dir(cache_dir=cache_dir, progress=progress)
@@ -83,7 +92,9 @@ def run_model(source: PolicySource, cache_dir: str | None, progress: bool = True
     """The model the run started from: its --model, or the built-in base model."""
     given = source.run_config.get("model")
     if given is None:
-        return builtin_base_dir(cache_dir or source.run_config.get("cache_dir"), progress)
+        return builtin_base_dir(
+            cache_dir or source.run_config.get("cache_dir"), progress, source.task
+        )
     path = Path(given)
     if not path.is_dir():
         raise InputError(
@@ -233,9 +244,14 @@ def read_prompt_texts(
             f"{source.path} was not trained on the built-in task, so there are no default prompts: "
             "give --prompts FILE (or, for rlhf generate, --prompt TEXT)"
         )
+    n = cfg.num_prompts or builtin_default
+    if source.task == "arithmetic":  # held-out problems, distinct while there are enough
+        from ..task.arithmetic import arithmetic_prompts
+
+        records = arithmetic_prompts(n, seed=cfg.seed, split="eval")
+        return [r["prompt"] for r in records], "the arithmetic task's held-out problems"
     from ..task import corpus
 
-    n = cfg.num_prompts or builtin_default
     if draw:
         return corpus.prompts(n, seed=cfg.seed, split="eval"), "the built-in held-out openings"
     openings = list(corpus.split_openings("eval"))

@@ -22,7 +22,7 @@ import torch
 
 from ..core import dpo_loss, logprobs_from_logits
 from ..data import atomic_write_json, write_jsonl
-from ..models.forward import autocast, position_ids_from_mask
+from ..models.forward import accepts_kwarg, autocast, position_ids_from_mask
 from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
 from ..models.lora import AdaptersOff, adapter_dropout, apply_lora
 from ..models.policy import save_lm
@@ -77,13 +77,21 @@ def sequence_logps(lm, rows: list, pad_id: int, device) -> tuple[torch.Tensor, t
     """Sum of response-token log-probs and number of response tokens per row: (2B,), (2B,)."""
     ids, mask = pad_right([r[0] for r in rows], pad_id, device)  # (N, T)
     response, _ = pad_right([r[1] for r in rows], 0, device)  # (N, T)
+    T = ids.shape[1]
+    # The LM head runs only from the position before the earliest response token on (TRL's
+    # DPOTrainer does as much): the prompt's own logits are never used, and the head is most of
+    # a small model's compute and memory.
+    first = min(r[1].index(1) if 1 in r[1] else len(r[1]) for r in rows)  # earliest response token
+    first = max(1, min(first, T - 1))
+    kwargs = {"logits_to_keep": T - first + 1} if accepts_kwarg(lm, "logits_to_keep") else {}
     with autocast(ids.device):
         logits = lm(
             input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-        ).logits  # (N, T, V)  # fmt: skip
-    logp = logprobs_from_logits(logits[:, :-1], ids[:, 1:])  # (N, T-1): token t+1 given <= t
-    keep = response[:, 1:].bool()  # (N, T-1)
+            use_cache=False, **kwargs,
+        ).logits  # (N, T - first + 1, V), or (N, T, V)  # fmt: skip
+    logits = logits[:, -(T - first + 1) :]  # (N, T - first + 1, V): positions first-1 .. T-1
+    logp = logprobs_from_logits(logits[:, :-1], ids[:, first:])  # (N, T-first): token t given < t
+    keep = response[:, first:].bool()  # (N, T-first)
     return torch.where(keep, logp, torch.zeros_like(logp)).sum(1), keep.sum(1).float()  # (N,) x2
 
 
@@ -264,7 +272,10 @@ def train_dpo(
     # 4. DPO: AdamW, linear decay, gradient clipping. The model's own dropout stays off (as
     # loaded); --lora-dropout acts on the adapters' input during the training steps only.
     trained = [p for p in policy.parameters() if p.requires_grad]  # the adapters under LoRA
-    optimizer = torch.optim.AdamW(trained, lr=cfg.lr)
+    # The fused kernel updates every tensor in one pass (about 5x less time per step than the
+    # default loop on 2 CPU cores); it needs floating-point CPU or CUDA parameters.
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in trained)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, fused=fused or None)
     total_steps = cfg.epochs * math.ceil(len(chosen) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -490,11 +490,11 @@ def test_interrupt_inside_a_step_points_to_the_last_checkpoint(
 ):
     original, calls = PPOTrainer.step, []
 
-    def step(self, prompts):
+    def step(self, prompts, columns=None):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt  # as a second Ctrl-C would, half-way through step 4
-        return original(self, prompts)
+        return original(self, prompts, columns)
 
     monkeypatch.setattr(PPOTrainer, "step", step)
     out = tmp_path / "run"
@@ -650,7 +650,7 @@ BAD_INPUTS = {
     "ppo-keep-checkpoints": ("ppo", {"--keep-checkpoints": "0"}, "--keep-checkpoints must be positive, got 0", False),
     "ppo-resume-nothing": ("ppo", {"--resume": None}, "--resume: no checkpoint in", False),
     "ppo-device": ("ppo", {"--device": "nonsense"}, "--device: unknown device 'nonsense'", False),
-    "ppo-model-without-reward-model": ("ppo", {"--reward-model": "DROP"}, "--model needs --reward-model", False),
+    "ppo-model-without-reward-model": ("ppo", {"--reward-model": "DROP"}, "--model needs a reward: --reward-model", False),
     # rlhf train-reward: preference files
     "rm-data-missing": ("train-reward", {"--data": "MISSING:nope.jsonl"}, "nope.jsonl: does not exist", False),
     "rm-data-empty": ("train-reward", {"--data": "FILE:d.jsonl:"}, "d.jsonl: is empty", False),

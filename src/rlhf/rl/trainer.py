@@ -44,7 +44,7 @@ from ..models.generation import decode_responses, encode_prompts, sample_respons
 from ..models.lora import is_peft
 from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_model import RewardModel
-from ..reward.sources import Rewards, RewardTerm, ScoreBatch
+from ..reward.sources import RewardError, Rewards, RewardTerm, ScoreBatch
 from .advantages import compute_advantages
 from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
 from .distributed import TrainedModules, World, check_world
@@ -100,9 +100,12 @@ class _ModelScore:
 
     def score(self, batch: ScoreBatch) -> list[float]:
         query_response, attention_mask, P = batch.tokens
-        return self.trainer._score(
+        scores = self.trainer._score(
             batch.prompts, batch.completions, query_response, attention_mask, P
-        ).tolist()
+        )  # (B,)
+        if not torch.isfinite(scores).all():
+            raise RewardError("the reward model returned a non-finite score")
+        return scores.tolist()
 
 
 def term_metrics(names: list[str], values: torch.Tensor) -> dict[str, float]:
@@ -457,7 +460,10 @@ class PPOTrainer(PPOUpdate):
 
         start = time.perf_counter()
         beta = self.kl_ctl.value
-        b = self.rollout(list(prompts), columns)
+        try:
+            b = self.rollout(list(prompts), columns)
+        except RewardError as exc:  # raised before any update: say which step
+            raise RewardError(f"step {self.step_count + 1}: {exc}") from None
         if not torch.isfinite(b.scores).all():
             raise NonFiniteError(
                 f"step {self.step_count + 1}: the reward model returned a non-finite score"

@@ -203,3 +203,38 @@ def test_cli_refuses_one_sample_for_a_group_method(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--samples-per-prompt 1: grpo" in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_pass_grpo_skips_the_old_logprob_pass_and_changes_nothing(tiny_tokenizer, dtype):
+    """With one update on the whole batch and the KL in the loss, the old log-probs are the
+    update's own: the rollout's policy pass is skipped (TRL's GRPO with one iteration) and the
+    step computes what the two-pass step computes (to float precision); the ratio is exactly 1."""
+    options = dict(advantage_estimator="grpo", samples_per_prompt=2, ppo_epochs=1,
+                   minibatch_size=2 * len(PROMPTS), dtype=dtype)  # fmt: skip
+    one, two = _trainer(tiny_tokenizer, **options), _trainer(tiny_tokenizer, **options)
+    assert one.one_pass
+    two.one_pass = False  # the separate no-gradient pass, as before
+    calls = {"one": 0, "two": 0}
+    for name, trainer in (("one", one), ("two", two)):
+        forward = trainer._policy_forward
+
+        def counted(*args, _forward=forward, _name=name, **kwargs):
+            calls[_name] += 1
+            return _forward(*args, **kwargs)
+
+        trainer._policy_forward = counted
+    m_one, m_two = one.step(PROMPTS), two.step(PROMPTS)
+    assert calls["two"] == calls["one"] + 1  # one rollout chunk's pass fewer
+    assert m_one["policy/approxkl"] == 0.0 and m_one["policy/clipfrac"] == 0.0  # log-ratio 0
+    assert m_one["policy/first_ratio"] == pytest.approx(1.0, abs=1e-6)
+    b1, b2 = one.last_rollout, two.last_rollout
+    assert b1.texts == b2.texts  # the same samples: sampling does not use the skipped pass
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    mask = b1.response_mask  # after EOS the two-pass rollout keeps log-probs nothing reads
+    torch.testing.assert_close(b1.logprobs, b2.logprobs * mask, atol=tol, rtol=0)
+    torch.testing.assert_close(b1.kl, b2.kl, atol=tol, rtol=0)
+    for key in ("objective/kl", "objective/kl_penalty", "loss/policy", "objective/reward"):
+        assert m_one[key] == pytest.approx(m_two[key], abs=tol), key
+    for p1, p2 in zip(one.policy.parameters(), two.policy.parameters()):
+        torch.testing.assert_close(p1, p2, atol=tol / 10, rtol=0)

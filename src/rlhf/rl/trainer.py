@@ -167,6 +167,14 @@ class PPOTrainer(PPOUpdate):
         # The critic-free estimators build no value head (and train none they are given), nor
         # does a run whose critic is a separate value network (--value-model reward).
         self.critic_free = cfg.advantage_estimator in CRITIC_FREE
+        # One update on the whole batch, the KL in the loss: the old log-probs are those the
+        # update computes itself before its one step, so the rollout's no-gradient policy pass is
+        # skipped and the update's own (detached) log-probs serve as old ones, as TRL's GRPO does
+        # with one iteration. The first ratio is then exactly 1 by construction.
+        self.one_pass = (
+            self.critic_free and cfg.kl_in == "loss" and cfg.ppo_epochs == 1
+            and cfg.minibatch_size == cfg.rollout_rows
+        )  # fmt: skip
         own_head = not self.critic_free and cfg.value_model == "shared"
         self.policy = (
             policy
@@ -409,14 +417,21 @@ class PPOTrainer(PPOUpdate):
         timings["time/generate_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        logits, values = self._policy_forward(
-            query_response, attention_mask, P
-        )  # (B, R, V), (B, R)
-        logprobs = logprobs_from_logits(logits, response)  # (B, R)
+        if self.one_pass:  # the update fills the log-probs and the KL in (`PPOUpdate.update`)
+            logits = None
+            logprobs = torch.zeros(response.shape, device=response.device)  # (B, R)
+            values = torch.zeros(response.shape, device=response.device)  # (B, R)
+        else:
+            logits, values = self._policy_forward(
+                query_response, attention_mask, P
+            )  # (B, R, V), (B, R)
+            logprobs = logprobs_from_logits(logits, response)  # (B, R)
         ref_logits = self._ref_logits(query_response, attention_mask, P)  # (B, R, V)
         ref_logprobs = logprobs_from_logits(ref_logits, response)  # (B, R)
         # Per-token KL, 0 after EOS (ppo-details 10); the exact one needs both full logits.
-        if cfg.kl_estimator == "exact":
+        if self.one_pass:
+            kl = torch.zeros_like(logprobs)  # (B, R), set after the update
+        elif cfg.kl_estimator == "exact":
             kl = compute_kl_penalty(logits, ref_logits, response_mask)  # (B, R)
         else:
             kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)  # (B, R)

@@ -28,6 +28,8 @@ class NonFiniteError(RLHFError):
 
 
 class PPOUpdate:
+    one_pass = False  # set by PPOTrainer: the update's own log-probs are the old ones
+    _own_logprobs: torch.Tensor | None = None
     # ----- phase 5: PPO epochs over minibatches of micro-batches ----------------------------
     STATS = (
         "loss/policy", "loss/value", "policy/approxkl", "policy/clipfrac", "policy/ratio",
@@ -52,6 +54,9 @@ class PPOUpdate:
         response = b.query_response[:, b.P :]  # (B, R)
         rows = []  # per minibatch: the weighted sums of STATS
         grad_norms = []
+        # With `one_pass` the update's own log-probs are the old ones; each row's are kept here
+        # (on the process that ran it) for the metrics and the KL.
+        self._own_logprobs = torch.zeros_like(b.logprobs) if self.one_pass else None  # (B, R)
         self._train_mode(True)
         try:
             for _ in range(cfg.ppo_epochs):
@@ -90,6 +95,12 @@ class PPOUpdate:
                     grad_norms.append(float(grad_norm))
         finally:
             self._train_mode(False)
+        if self.one_pass:
+            # Every row was run by exactly one process: the sum is the whole batch's log-probs.
+            b.logprobs = world.all_reduce_sum(self._own_logprobs) * b.response_mask  # (B, R)
+            kl = kl_estimate(b.logprobs, b.ref_logprobs, cfg.kl_estimator)  # (B, R)
+            b.kl = torch.where(b.response_mask.bool(), kl, torch.zeros_like(kl))  # (B, R)
+            self._own_logprobs = None
         totals = world.all_reduce_sum(torch.stack(rows)).cpu()  # (n_minibatches, n_stats)
         stats = dict(zip(self.STATS, totals.mean(0).tolist()))
         stats["policy/first_ratio"] = float(totals[0, self.STATS.index("policy/ratio")])
@@ -120,7 +131,11 @@ class PPOUpdate:
         logits, values = self._policy_forward(ids, attn, P)  # (m, R, V), (m, R)
         logp_all = torch.log_softmax(logits, dim=-1)  # (m, R, V), float32
         logprobs = logp_all.gather(-1, response[idx, :R].unsqueeze(-1)).squeeze(-1)  # (m, R)
-        old = b.logprobs[idx, :R]  # (m, R)
+        if self._own_logprobs is not None:  # one pass: the old log-probs are these
+            old = logprobs.detach()  # (m, R)
+            self._own_logprobs[idx, :R] = old
+        else:
+            old = b.logprobs[idx, :R]  # (m, R)
         pg, clipped, log_ratio = policy_loss_per_token(
             logprobs, old, b.advantages[idx, :R], mask, cfg.clip_eps
         )  # (m, R) x3

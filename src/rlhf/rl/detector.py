@@ -71,6 +71,6 @@ class HackingDetector:
         self.message = (
             f"reward hacking at step {step}: the proxy reward is still rising ({reward:.2f}) but "
             + " and ".join(reasons)
-            + "; the policy is exploiting the reward model (raise --kl-coef or stop here)"
+            + "; the policy is exploiting the proxy reward (raise --kl-coef or stop here)"
         )
         return self.message

@@ -52,6 +52,13 @@ CONFIGS = {
          "--micro-batch-size", "1", "--rollout-batch-size", "3"),
         False,
     ),
+    # One update on the whole batch, the KL in the loss: the update's own log-probs are the old
+    # ones (no rollout pass), each process fills in its rows' and the sum is the whole batch's.
+    "grpo-one-pass": (
+        ("--advantage-estimator", "grpo", "--samples-per-prompt", "2", "--ppo-epochs", "1",
+         "--minibatch-size", "8", "--micro-batch-size", "1"),
+        False,
+    ),
     # 2 prompts x 4 samples: each process holds one group.
     "rloo-groups-of-4": (
         ("--advantage-estimator", "rloo", "--samples-per-prompt", "4", "--batch-size", "2",
@@ -131,7 +138,8 @@ def test_two_processes_match_one_process(inputs, tmp_path, name):
     for flag in ("gradient_checkpointing", "shard"):
         assert config[flag] is (flag in _options(extra)), flag
     rows = config["batch_size"] * config["samples_per_prompt"]
-    assert rows // config["minibatch_size"] >= 2  # several gradient steps a PPO epoch
+    if name != "grpo-one-pass":  # its point is one update on the whole batch
+        assert rows // config["minibatch_size"] >= 2  # several gradient steps a PPO epoch
     assert config["micro_batch_size"] < config["minibatch_size"] // 2  # < a process's share
     for row in got:
         assert all((key in row) is critic for key in CRITIC), sorted(row)

@@ -29,6 +29,7 @@ import random
 import re
 from collections.abc import Sequence
 
+from .gold import Judge
 from .tokenizer import BOS_EOS
 
 ARITHMETIC_VERSION = 1
@@ -168,7 +169,7 @@ def lenient_accuracy(completions: Sequence[str], answers: Sequence[str]) -> floa
     return sum(lenient_reward(None, completions, answers)) / max(1, len(completions))
 
 
-class ArithmeticJudge:
+class ArithmeticJudge(Judge):
     """The gold judge of the arithmetic task: strict correctness, the answer solved from the prompt.
 
     Plays `task.gold.GoldJudge`'s part (`score_batch(prompts, responses, ended)`), so a training
@@ -178,15 +179,3 @@ class ArithmeticJudge:
 
     def score(self, prompt: str, response: str, ended: bool = True) -> float:
         return float(is_strict_correct(response, solve(prompt)))
-
-    def score_batch(
-        self,
-        prompts: Sequence[str],
-        responses: Sequence[str],
-        ended: Sequence[bool] | None = None,
-    ) -> list[float]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        if ended is not None and len(ended) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(ended)} ended flags")
-        return [self.score(p, r) for p, r in zip(prompts, responses, strict=True)]

@@ -56,7 +56,30 @@ def _analyzer() -> SentimentIntensityAnalyzer:
     return SentimentIntensityAnalyzer()
 
 
-class GoldJudge:
+class Judge:
+    """A gold judge: `score(prompt, response, ended)` for one row, `score_batch` for many (what the
+    training loop, the detector and `rlhf eval` call)."""
+
+    def score(self, prompt: str, response: str, ended: bool = True) -> float:
+        raise NotImplementedError
+
+    def score_batch(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        ended: Sequence[bool] | None = None,
+    ) -> list[float]:
+        """`score` of each item; `ended=None` means every response ended."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        if ended is None:
+            ended = [True] * len(prompts)
+        elif len(ended) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(ended)} ended flags")
+        return [self.score(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
+
+
+class GoldJudge(Judge):
     """Deterministic gold score of (prompt, response); see the module docstring for the formula."""
 
     def __init__(self) -> None:
@@ -99,21 +122,6 @@ class GoldJudge:
     def score(self, prompt: str, response: str, ended: bool = True) -> float:
         """The gold score of one (prompt, response)."""
         return self.breakdown(prompt, response, ended)["total"]
-
-    def score_batch(
-        self,
-        prompts: Sequence[str],
-        responses: Sequence[str],
-        ended: Sequence[bool] | None = None,
-    ) -> list[float]:
-        """`score` of each item; `ended=None` means every response ended."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        if ended is None:
-            ended = [True] * len(prompts)
-        elif len(ended) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(ended)} ended flags")
-        return [self.score(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)]
 
     def _overuse(self, words: list[str], n_response: int) -> float:
         """Third and later uses of a sentiment word, per response word."""

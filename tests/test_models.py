@@ -220,3 +220,87 @@ def test_policy_logits_to_keep_are_the_last_positions(tiny_tokenizer, arch):
     assert kept_logits.shape == (2, 3, full_logits.shape[-1])
     torch.testing.assert_close(kept_logits, full_logits[:, -3:], atol=1e-5, rtol=0)
     torch.testing.assert_close(kept_values, full_values)
+
+
+# ----- sampling: the preallocated cache and the shared prefill --------------------------------
+def test_unique_rows_by_hand():
+    from rlhf.models.generation import unique_rows
+
+    x = torch.tensor([[3, 1], [0, 0], [3, 1], [3, 1], [0, 0], [5, 5]])
+    first, which = unique_rows(x)
+    # Distinct rows in order of first appearance: [3, 1] (row 0), [0, 0] (row 1), [5, 5] (row 5).
+    assert first.tolist() == [0, 1, 5]
+    assert which.tolist() == [0, 1, 0, 0, 1, 2]
+    assert torch.equal(x[first][which], x)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_with_preallocated_cache_matches_concatenation(
+    tiny_tokenizer, monkeypatch, arch, dtype
+):
+    """Writing the cache in place and running each distinct prompt once give the tokens that
+    the concatenating cache with every row prefilled gives, rows of different lengths included."""
+    import rlhf.models.generation as generation
+    from conftest import make_eos_biased_lm
+
+    lm = make_eos_biased_lm(tiny_tokenizer, arch, bias=3.0)
+    prompts = [p for p in ["the film was", "a", "I thought the acting"] for _ in range(3)]
+    ids, mask, _ = generation.encode_prompts(tiny_tokenizer, prompts)
+    u = torch.rand(
+        (len(prompts), 12), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    tok = tiny_tokenizer
+
+    def sample():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return generation.sample_responses(
+                lm, ids, mask, 12, tok.eos_token_id, tok.pad_token_id, uniforms=u
+            )
+
+    calls = []
+    real = generation.preallocate_cache
+    monkeypatch.setattr(
+        generation, "preallocate_cache", lambda *a: calls.append(real(*a)) or calls[-1]
+    )
+    fast = sample()
+    assert calls == [True]
+    monkeypatch.setattr(generation, "preallocate_cache", lambda *a: False)
+    slow = sample()
+    assert torch.equal(fast, slow)
+    lengths = (fast != tok.pad_token_id).sum(1)
+    assert len(set(lengths.tolist())) > 1  # some rows ended early
+
+
+def test_preallocated_layer_returns_what_concatenation_returns():
+    from transformers.cache_utils import DynamicCache
+
+    from rlhf.models.generation import preallocate_cache
+
+    cache, reference = DynamicCache(), DynamicCache()
+    k0, v0 = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)  # (B, heads, positions, head_dim)
+    cache.update(k0, v0, 0)
+    reference.update(k0, v0, 0)
+    rows = torch.tensor([1, 0, 1])  # three new rows: old row 1, row 0, row 1 again
+    assert preallocate_cache(cache, 3, rows)
+    reference.layers[0].keys = reference.layers[0].keys[rows]
+    reference.layers[0].values = reference.layers[0].values[rows]
+    for _ in range(3):
+        k, v = torch.randn(3, 3, 1, 5), torch.randn(3, 3, 1, 5)
+        got, want = cache.update(k, v, 0), reference.update(k, v, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cache.get_seq_length() == reference.get_seq_length() == 7
+
+
+def test_preallocation_leaves_other_caches_alone():
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from rlhf.models.generation import preallocate_cache
+
+    cache = DynamicCache()
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
+    cache.update(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), 0)
+    before = cache.layers[0].keys
+    assert not preallocate_cache(cache, 3)
+    assert cache.layers[0].keys is before
+    assert not preallocate_cache(object(), 3)  # no layers at all (an older transformers)

@@ -212,6 +212,59 @@ def _sample(
     return token.clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
 
 
+def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first row of each distinct row of `x` (U,), and which of them each row is (B,)."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)  # (B,) into the sorted distinct rows
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0], dtype=torch.long, device=x.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(x.shape[0], device=x.device), "amin")
+    order = torch.argsort(first)  # distinct rows in order of first appearance
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))
+    return first[order], rank[inverse]
+
+
+def preallocate_cache(cache, extra: int, rows: torch.Tensor | None = None) -> bool:
+    """Give each layer of a transformers `DynamicCache` room for `extra` more positions, written
+    in place, so decoding does not copy the whole cache at every token (`DynamicLayer.update`
+    concatenates: at long responses that copying is a large share of sampling). Each layer's keys
+    and values become views of the filled part of its buffer, so attention still reads only the
+    positions filled so far. `rows` (B,), if given, picks the cache row of each new batch row.
+    Returns False, leaving the cache as it is, for any cache that is not made of plain growing
+    layers (sliding windows, quantised or recurrent caches, older transformers): those keep
+    concatenating.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    if not layers or any(
+        type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers
+    ):
+        return False
+    for layer in layers:
+        old_keys, old_values = layer.keys, layer.values
+        if rows is not None:
+            old_keys, old_values = old_keys[rows], old_values[rows]
+        n = old_keys.shape[-2]
+        shape = list(old_keys.shape)
+        shape[-2] = n + extra
+        keys = old_keys.new_empty(shape)  # (B, heads, n + extra, head_dim)
+        values = old_values.new_empty(shape[:-1] + [old_values.shape[-1]])
+        keys[..., :n, :] = old_keys
+        values[..., :n, :] = old_values
+        layer.keys, layer.values = keys[..., :n, :], values[..., :n, :]
+
+        def update(key_states, value_states, *args, _layer=layer, _k=keys, _v=values, **kwargs):
+            start, m = _layer.keys.shape[-2], key_states.shape[-2]
+            _k[..., start : start + m, :] = key_states
+            _v[..., start : start + m, :] = value_states
+            _layer.keys, _layer.values = _k[..., : start + m, :], _v[..., : start + m, :]
+            return _layer.keys, _layer.values
+
+        layer.update = update
+    return True
+
+
 @torch.no_grad()
 def sample_responses(
     lm: nn.Module,
@@ -239,22 +292,36 @@ def sample_responses(
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     mask = prompt_mask.clone()  # (B, P)
-    # Only the last prompt position's logits are needed: (B, 1, V), not (B, P, V).
-    keep = {"logits_to_keep": 1} if accepts_kwarg(lm, "logits_to_keep") else {}
-    out = lm(
-        input_ids=prompt_ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        use_cache=True,
-        **keep,
-    )
     # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40).
     cache_arg = "cache" if accepts_kwarg(lm, "cache") else "past_key_values"
+    # Only the last prompt position's logits are needed: (B, 1, V), not (B, P, V).
+    keep = {"logits_to_keep": 1} if accepts_kwarg(lm, "logits_to_keep") else {}
+
+    def prefill(rows: torch.Tensor):
+        return lm(
+            input_ids=prompt_ids[rows], attention_mask=mask[rows],
+            position_ids=position_ids_from_mask(mask[rows]), use_cache=True, **keep,
+        )  # fmt: skip
+
+    # A prompt sampled several times (a GRPO group) runs through the model once; its cache rows
+    # are then copied for each of its samples.
+    rows, inverse = unique_rows(torch.cat([prompt_ids, mask], 1))  # (U,), (B,)
+    out = prefill(rows)
+    if not preallocate_cache(out[cache_arg], max_new_tokens, inverse):
+        if len(rows) < B:  # a cache that cannot be copied row by row: prefill every row
+            out = prefill(torch.arange(B, device=device))
+        inverse = None
+    logits = out.logits[:, -1, :] if inverse is None else out.logits[inverse, -1, :]  # (B, V)
+    P = mask.shape[1]
+    # The mask for every position up front: each step shows the model one more column of it.
+    full_mask = torch.cat(
+        [mask, torch.ones((B, max_new_tokens), dtype=mask.dtype, device=device)], dim=1
+    )  # (B, P+R)
     next_position = mask.sum(-1, keepdim=True)  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     tokens = []
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()  # (B, V)
+        logits = logits.float()  # (B, V)
         if temperature != 1.0:
             logits = logits / temperature
         logits = _filter_logits(logits, top_k, top_p)
@@ -268,14 +335,14 @@ def sample_responses(
             all_done(local_done) if all_done is not None else local_done
         ) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         out = lm(
             input_ids=token[:, None],
-            attention_mask=mask,
+            attention_mask=full_mask[:, : P + t + 1],
             position_ids=next_position,
             use_cache=True,
             **{cache_arg: out[cache_arg]},
         )
+        logits = out.logits[:, -1, :]  # (B, V)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)  # (B, R)
 

@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 # Imported on first use: torch and transformers take seconds to import, and `rlhf --help` should not.
 _EXPORTS = {
     "RewardModel": "rlhf.models.reward_model",
+    "RewardEnsemble": "rlhf.models.reward_ensemble",
+    "combine_rewards": "rlhf.models.reward_ensemble",
     "PolicyWithValueHead": "rlhf.models.policy",
     "create_preference_dataset": "rlhf.reward.preferences",
     "reward_model_loss": "rlhf.reward.loss",
@@ -37,7 +39,9 @@ __all__ = [
     "PPOTrainer",
     "PolicyWithValueHead",
     "RewardConfig",
+    "RewardEnsemble",
     "RewardModel",
+    "combine_rewards",
     "compute_kl_penalty",
     "create_preference_dataset",
     "demonstrate_reward_hacking",
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from .analysis.plots import plot_reward_kl_tradeoff
     from .core import compute_kl_penalty
     from .models.policy import PolicyWithValueHead
+    from .models.reward_ensemble import RewardEnsemble, combine_rewards
     from .models.reward_model import RewardModel
     from .reward.config import RewardConfig
     from .reward.loss import reward_model_loss

@@ -243,7 +243,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         match_vocab,
         pick_device,
     )
-    from ..models.reward_model import RewardModel
+    from ..models.reward_ensemble import load_reward_model
     from .eval_report import plot_eval
 
     cfg.validate()
@@ -304,7 +304,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         baseline = load_lm(base_source, base_tokenizer, cfg.trust_remote_code).to(device)
     reward_model = None
     if rm_dir is not None:
-        reward_model = RewardModel.from_pretrained(rm_dir, trust_remote_code=cfg.trust_remote_code)
+        reward_model = load_reward_model(rm_dir, trust_remote_code=cfg.trust_remote_code)
         reward_model = reward_model.requires_grad_(False).eval().to(device)
 
     # 3. Sample both from the same draws, then score.

@@ -217,7 +217,7 @@ def _best_of_n(base: PPORunConfig, plan: SweepPlan, seeds: list[int], out: Path)
     import json
 
     from ..models.loading import load_causal_lm, load_tokenizer
-    from ..models.reward_model import RewardModel
+    from ..models.reward_ensemble import load_reward_model
     from ..task import corpus
     from ..task.gold import GoldJudge
 
@@ -232,7 +232,7 @@ def _best_of_n(base: PPORunConfig, plan: SweepPlan, seeds: list[int], out: Path)
         if all(saved.get(k) == v for k, v in key.items()):
             return saved["summary"]
     lm, tokenizer = load_causal_lm(base.model), load_tokenizer(base.model)
-    rm = RewardModel.from_pretrained(base.reward_model)
+    rm = load_reward_model(base.reward_model)
     curves = []
     for s in seeds:
         t0 = time.perf_counter()

@@ -5,6 +5,8 @@ head, forward passes and sampling.
     forward       position ids, final hidden states, autocast: any causal LM
     generation    batched KV-cache sampling at the training temperature; prompt encoding
     reward_model  `RewardModel`
+    reward_ensemble  `RewardEnsemble` (N LoRA members on one base), `combine_rewards`,
+                  `load_reward_model` (either kind, by what the folder holds)
     policy        `PolicyWithValueHead`, `ValueModel`, `load_policy`, `load_value_model`
     lora          LoRA adapters through peft (`lora_args`: their options, without torch)
 """
@@ -23,14 +25,20 @@ _EXPORTS = {
     "load_causal_lm": "loading",
     "load_tokenizer": "loading",
     "RewardModel": "reward_model",
+    "RewardEnsemble": "reward_ensemble",
+    "combine_rewards": "reward_ensemble",
+    "load_reward_model": "reward_ensemble",
 }
 
 __all__ = [
     "PolicyWithValueHead",
+    "RewardEnsemble",
     "RewardModel",
     "ValueModel",
+    "combine_rewards",
     "load_causal_lm",
     "load_policy",
+    "load_reward_model",
     "load_tokenizer",
     "load_value_model",
 ]
@@ -39,6 +47,7 @@ assert sorted(__all__) == sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .loading import load_causal_lm, load_tokenizer
     from .policy import PolicyWithValueHead, ValueModel, load_policy, load_value_model
+    from .reward_ensemble import RewardEnsemble, combine_rewards, load_reward_model
     from .reward_model import RewardModel
 
 

@@ -166,7 +166,8 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = Path(directory)
-    if not (path / "adapter_config.json").is_file():  # a LoRA adapter folder has no config.json
+    # A LoRA adapter's folder has no config.json, nor has a reward-model ensemble's.
+    if not any((path / name).is_file() for name in ("adapter_config.json", "ensemble.json")):
         path = check_model_dir(directory)
     missing = InputError(
         f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "

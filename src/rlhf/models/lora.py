@@ -52,17 +52,9 @@ def apply_lora(
     which would turn on the base model's dropout and the adapters' in every later pass).
     """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=_targets(args.lora_target_modules),
-        fan_in_fan_out=_uses_conv1d(lm),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    config = _lora_config(lm, args)
     try:
         with torch.random.fork_rng(devices=[]), peft_quietly():
             torch.manual_seed(seed)
@@ -80,6 +72,37 @@ def apply_lora(
             f"--lora-target-modules {args.lora_target_modules}: {str(exc).splitlines()[0]} "
             f"(this model's linear layers: {', '.join(layers[:12])}; or use all-linear)"
         ) from None
+
+
+def _lora_config(lm: nn.Module, args: LoraArgs):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=_targets(args.lora_target_modules),
+        fan_in_fan_out=_uses_conv1d(lm),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model: nn.Module, args: LoraArgs, adapter_name: str, seed: int = 0) -> nn.Module:
+    """Add one more fresh adapter to a PEFT model made by `apply_lora` (same base, same layers).
+
+    Its A matrices are drawn from `seed`, leaving the global random state alone. It records the
+    same base folder as the first adapter, so that it saves as a loadable adapter too.
+    """
+    import torch
+
+    config = _lora_config(model.get_base_model(), args)
+    first = next(iter(model.peft_config.values()))
+    config.base_model_name_or_path = first.base_model_name_or_path
+    with torch.random.fork_rng(devices=[]), peft_quietly():
+        torch.manual_seed(seed)
+        model.add_adapter(adapter_name, config)
+    return model
 
 
 @contextlib.contextmanager

@@ -35,6 +35,8 @@ from .lora import ADAPTER_CONFIG, adapter_base, is_peft, load_adapter, save_adap
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_CONFIG_FILE = "reward_config.json"
+ENSEMBLE_FILE = "ensemble.json"
+"""marks a folder of `RewardEnsemble` members (models/reward_ensemble.py)"""
 
 
 class RewardModel(nn.Module):
@@ -158,7 +160,11 @@ class RewardModel(nn.Module):
         the name "reward" instead, and no second copy of the base is made.
         """
         directory = check_reward_model_dir(directory)
-        head_path = directory / REWARD_HEAD_FILE
+        if (directory / ENSEMBLE_FILE).is_file():
+            raise InputError(
+                f"{directory}: holds a reward-model ensemble; load it with "
+                "rlhf.models.load_reward_model (or RewardEnsemble.from_pretrained)"
+            )
         try:
             config = json.loads((directory / REWARD_CONFIG_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -177,18 +183,25 @@ class RewardModel(nn.Module):
             if base_dir is not None:
                 base = load_adapter(base, directory)
             model = cls(base, freeze_base=config.get("freeze_base", True), tokenizer=tokenizer)
-        head = load_safetensors(head_path)
-        if head["weight"].shape != model.reward_head.weight.shape:
+        model.load_head(directory / REWARD_HEAD_FILE)
+        return model
+
+    def load_head(self, path: Path) -> None:
+        """Read the head, gain and bias that `save_pretrained` wrote to `path` (safetensors)."""
+        head = load_safetensors(path)
+        missing = {"weight", "bias", "gain", "offset"} - set(head)
+        if missing:
+            raise InputError(f"{path}: not a reward head (no {', '.join(sorted(missing))})")
+        if head["weight"].shape != self.reward_head.weight.shape:
             raise InputError(
-                f"{head_path}: head shape {tuple(head['weight'].shape)} does not match the base "
-                f"model's hidden size {model.reward_head.in_features}"
+                f"{path}: head shape {tuple(head['weight'].shape)} does not match the base "
+                f"model's hidden size {self.reward_head.in_features}"
             )
         with torch.no_grad():
-            model.reward_head.weight.copy_(head["weight"])
-            model.reward_head.bias.copy_(head["bias"])
-            model.reward_gain.fill_(float(head["gain"]))
-            model.reward_bias.fill_(float(head["offset"]))
-        return model
+            self.reward_head.weight.copy_(head["weight"])
+            self.reward_head.bias.copy_(head["bias"])
+            self.reward_gain.fill_(float(head["gain"]))
+            self.reward_bias.fill_(float(head["offset"]))
 
 
 @torch.no_grad()
@@ -237,16 +250,23 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def reward_model_folder(path: str | Path) -> Path:
     """The reward model in `path`: the folder itself, or the `reward_model/` inside the output
-    folder of `rlhf train-reward --out` (what users naturally pass)."""
+    folder of `rlhf train-reward --out` (what users naturally pass). An ensemble's folder counts."""
+
+    def holds_one(folder: Path) -> bool:
+        return (folder / REWARD_HEAD_FILE).is_file() or (folder / ENSEMBLE_FILE).is_file()
+
     path = Path(path)
     inner = path / "reward_model"
-    if not (path / REWARD_HEAD_FILE).is_file() and (inner / REWARD_HEAD_FILE).is_file():
+    if not holds_one(path) and holds_one(inner):
         return inner
     return path
 
 
 def check_reward_model_dir(directory: str | Path) -> Path:
-    """The folder as a Path if it holds a reward model saved by `RewardModel.save_pretrained`."""
+    """The folder as a Path if it holds a reward model saved by `RewardModel.save_pretrained` or
+    an ensemble saved by `RewardEnsemble.save_pretrained` (its members are checked as it loads)."""
+    if (Path(directory) / ENSEMBLE_FILE).is_file():
+        return Path(directory)
     if not (Path(directory) / ADAPTER_CONFIG).is_file():  # a LoRA reward model has no config.json
         directory = check_model_dir(directory)
     directory = Path(directory)

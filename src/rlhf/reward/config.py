@@ -62,6 +62,10 @@ class RewardConfig(LoraArgs, TrackingArgs):
     """wrap each text prompt in the tokenizer's chat template as a user turn (use the same with `rlhf ppo`); conversational data is always rendered with the template"""
     eos_token: str | None = None
     """token that ends a response, replacing the tokenizer's EOS: where sampling stops and the reward is read (a chat model whose template closes a turn with another token, such as Gemma's <end_of_turn> or Phi-3's <|end|>, needs it; give the same to train-reward, ppo and dpo)"""
+    ensemble: int = 1
+    """train N reward models as one ensemble for `rlhf ppo --reward-ensemble`: N LoRA adapters, each with its own head and normalisation, on one shared frozen base; member k draws its adapter, its head and its batch order from --seed + k. Without --lora-r the members use rank 8"""
+    ensemble_bootstrap: bool = False
+    """with --ensemble: train each member on its own bootstrap resample of the training pairs (drawn with replacement, from its seed)"""
 
     def validate(self) -> None:
         self.validate_lora()
@@ -70,6 +74,15 @@ class RewardConfig(LoraArgs, TrackingArgs):
             raise ConfigError(
                 "--lora-r trains adapters on the base; it cannot go with --freeze-base"
             )
+        if self.ensemble < 1:
+            raise ConfigError(f"--ensemble must be at least 1, got {self.ensemble}")
+        if self.ensemble > 1 and self.freeze_base:
+            raise ConfigError(
+                "--ensemble trains a LoRA adapter per member on the base; it cannot go with "
+                "--freeze-base"
+            )
+        if self.ensemble_bootstrap and self.ensemble == 1:
+            raise ConfigError("--ensemble-bootstrap needs --ensemble 2 or more")
         for name in (
             "n_pairs",
             "response_tokens",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..core import bradley_terry_loss
+from ..models.forward import device_of
 from ..models.generation import pad_right
 from ..models.reward_model import RewardModel
 from .preferences import Pairs
@@ -77,7 +78,7 @@ def reward_model_loss(
         resp_b = [response_B] if single else list(response_B)
         if not len(prompts) == len(resp_a) == len(resp_b):
             raise ValueError("prompt, response_A and response_B must have the same length")
-        device = reward_model.reward_head.weight.device
+        device = device_of(reward_model)  # a RewardModel or a RewardEnsemble
         rows_a, _ = encode_texts(tokenizer, prompts, resp_a, tokenizer.model_max_length)
         rows_b, _ = encode_texts(tokenizer, prompts, resp_b, tokenizer.model_max_length)
         ids_a, mask_a = pad_right(rows_a, tokenizer.pad_token_id, device)
@@ -104,7 +105,7 @@ def score_texts(
     max_length: int = 256, batch_size: int = 128, raw: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Reward of each prompt + response + EOS, shape (N,)."""
-    device = reward_model.reward_head.weight.device
+    device = device_of(reward_model)  # a RewardModel or a RewardEnsemble
     rows, _ = encode_texts(tokenizer, prompts, responses, max_length)
     scores = []
     forward = reward_model.raw_forward if raw else reward_model

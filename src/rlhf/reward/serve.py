@@ -156,14 +156,14 @@ def load_scorer(cfg: ServeRewardConfig):
 
     from ..models.forward import swap_slow_gelu
     from ..models.loading import config_position_limit, pick_device
-    from ..models.reward_model import RewardModel
+    from ..models.reward_ensemble import load_reward_model
     from ..tracking import quiet_transformers_bars
     from .loss import score_texts
 
     folder = reward_model_dir(cfg.reward_model)
     device = pick_device(cfg.device)
     with quiet_transformers_bars():
-        model = RewardModel.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+        model = load_reward_model(folder, trust_remote_code=cfg.trust_remote_code)
     model = model.requires_grad_(False).eval().to(device)
     swap_slow_gelu(model)  # as the trainer does with its reward model: the same numbers, faster
     tokenizer = model.tokenizer

@@ -23,6 +23,7 @@ from ..data import atomic_write_json
 from ..errors import ConfigError
 from ..models.generation import pad_right
 from ..models.lora import apply_lora
+from ..models.reward_ensemble import RewardEnsemble
 from ..models.reward_model import RewardModel
 from ..tracking import RunLogger, progress_bar, save_config, set_seed, tracking
 from .config import RewardConfig
@@ -35,6 +36,9 @@ from .preferences import (
     read_preference_file,
     split_pairs,
 )
+
+ENSEMBLE_LORA_R = 8
+"""the adapters' rank of an ensemble's members when --lora-r is not given"""
 
 
 def _resolve_max_length(cfg: RewardConfig, limit: int | None, model_dir) -> RewardConfig:
@@ -55,10 +59,11 @@ def _resolve_max_length(cfg: RewardConfig, limit: int | None, model_dir) -> Rewa
 
 
 @torch.no_grad()
-def _reference_scores(cfg, lm, reward_model, tokenizer, shuffled, device) -> torch.Tensor:
-    """Raw scores (N,) of `cfg.normalise_samples` responses sampled from the base model as PPO
-    samples them (full softmax at temperature 1, `normalise_response_tokens` long, left-padded
-    prompts) and scored from token ids as PPO scores them (`score_responses`)."""
+def _reference_scores(cfg, lm, reward_models, tokenizer, shuffled, device) -> torch.Tensor:
+    """Raw scores (M, N) by each of `reward_models` of `cfg.normalise_samples` responses sampled
+    from the base model as PPO samples them (full softmax at temperature 1,
+    `normalise_response_tokens` long, left-padded prompts) and scored from token ids as PPO scores
+    them (`score_responses`). The samples are drawn once for all M models."""
     from ..models.forward import autocast
     from ..models.generation import encode_prompts, sample_responses
     from ..models.reward_model import score_responses
@@ -77,16 +82,97 @@ def _reference_scores(cfg, lm, reward_model, tokenizer, shuffled, device) -> tor
             response = sample_responses(
                 lm, ids, mask, cfg.normalise_response_tokens, eos, pad, generator=gen
             )  # (B, R)
-            scores.append(score_responses(reward_model, ids, mask, response, eos, pad, raw=True))
-    return torch.cat(scores)  # (N,)
+            scores.append(
+                torch.stack(
+                    [score_responses(m, ids, mask, response, eos, pad, True) for m in reward_models]
+                )
+            )  # (M, B)
+    return torch.cat(scores, 1)  # (M, N)
+
+
+@dataclasses.dataclass
+class _Data:
+    """The encoded training pairs and the held-out pairs, as `_fit` reads them."""
+
+    chosen_rows: list[list[int]]
+    rejected_rows: list[list[int]]
+    train_pairs: object
+    eval_pairs: object
+    tokenizer: object
+    device: torch.device
+
+
+def _fit(cfg, reward_model, params, data: _Data, seed: int, logger, bar, step: int, tag: dict):
+    """Bradley-Terry training of `params` of one reward model, batches drawn from `seed`
+    (bootstrap resampled first with --ensemble-bootstrap); returns the last logged step."""
+    from ..models.forward import autocast
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(data.train_pairs)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total_steps)
+    generator = torch.Generator().manual_seed(seed)
+    pool = torch.randint(n, (n,), generator=generator) if cfg.ensemble_bootstrap else None  # (n,)
+    margins = torch.tensor([m if m is not None else 0.0 for m in data.train_pairs.margins])
+    has_margin = any(m is not None for m in data.train_pairs.margins)
+    tokenizer, device = data.tokenizer, data.device
+    who = f"member {tag['reward/member']}: " if tag else ""
+    for epoch in range(cfg.epochs):
+        reward_model.train()
+        perm = torch.randperm(n, generator=generator)  # (n,)
+        perm = (pool[perm] if pool is not None else perm).tolist()
+        for s in range(0, len(perm), cfg.batch_size):
+            idx = perm[s : s + cfg.batch_size]
+            rows = [data.chosen_rows[i] for i in idx] + [data.rejected_rows[i] for i in idx]
+            ids, mask = pad_right(rows, tokenizer.pad_token_id, device)  # (2B, T)
+            with autocast(device):
+                rewards = reward_model(ids, mask).float()  # (2B,)
+            r_c, r_r = rewards[: len(idx)], rewards[len(idx) :]  # (B,), (B,)
+            margin = margins[idx].to(device) if has_margin else None
+            loss = bradley_terry_loss(r_c, r_r, margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            metrics = {
+                "reward/loss": loss.item(),
+                "reward/accuracy": (r_c > r_r).float().mean().item(),
+                "reward/margin": (r_c - r_r).mean().item(),
+                "reward/lr": scheduler.get_last_lr()[0],
+                "reward/epoch": epoch + s / len(perm),
+                **tag,
+            }
+            logger.log(step, metrics)
+            bar.update()
+            bar.set_postfix(
+                loss=f"{metrics['reward/loss']:.3f}",
+                acc=f"{metrics['reward/accuracy']:.2f}",
+                refresh=False,
+            )
+        held_out = evaluate_reward_model(reward_model, tokenizer, data.eval_pairs, cfg.max_length)
+        logger.log(
+            step,
+            {
+                "reward/eval_accuracy": held_out["accuracy"],
+                "reward/eval_loss": held_out["loss"],
+                **tag,
+            },
+        )
+        bar.write(
+            f"{who}epoch {epoch + 1}/{cfg.epochs}: held-out accuracy {held_out['accuracy']:.3f}"
+        )
+    return step
 
 
 def train_reward(
     cfg: RewardConfig, progress: bool = True, figures: Callable[[Path], list[Path]] | None = None
 ) -> dict:
-    """Train, normalise, evaluate and save a reward model; returns the evaluation dict."""
+    """Train, normalise, evaluate and save a reward model (or an ensemble of them, --ensemble);
+    returns the evaluation dict."""
 
-    from ..models.forward import autocast
     from ..models.generation import apply_chat_template, render_conversation_pairs
     from ..models.loading import (
         apply_eos_option,
@@ -151,79 +237,72 @@ def train_reward(
     # 3. Bradley-Terry training of a copy of the base model with a fresh scalar head.
     # With LoRA the base stays frozen and only the adapters and the head train; the saved reward
     # model is then the adapter, which PPO can put on its policy's base (models/lora.py).
-    base = apply_lora(copy.deepcopy(lm), cfg, seed=cfg.seed) if cfg.lora_r else copy.deepcopy(lm)
-    reward_model = RewardModel(base, freeze_base=cfg.freeze_base, tokenizer=tokenizer).to(device)
-    params = [p for p in reward_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # An ensemble's members are LoRA adapters on one copy of the base, trained one after another.
+    if cfg.ensemble > 1:
+        lora = cfg if cfg.lora_r else dataclasses.replace(cfg, lora_r=ENSEMBLE_LORA_R)
+        reward_model = RewardEnsemble.from_base(
+            copy.deepcopy(lm), lora, cfg.ensemble, seed=cfg.seed, tokenizer=tokenizer
+        ).to(device)
+        members = list(reward_model.members)
+    else:
+        base = (
+            apply_lora(copy.deepcopy(lm), cfg, seed=cfg.seed) if cfg.lora_r else copy.deepcopy(lm)
+        )
+        reward_model = RewardModel(base, freeze_base=cfg.freeze_base, tokenizer=tokenizer)
+        reward_model = reward_model.to(device)
+        members = [reward_model]
+    data = _Data(chosen_rows, rejected_rows, train_pairs, eval_pairs, tokenizer, device)
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    margins = torch.tensor([m if m is not None else 0.0 for m in train_pairs.margins])
-    has_margin = any(m is not None for m in train_pairs.margins)
-    bar = progress_bar(total=total_steps, desc="train reward model", disable=not progress)
+    bar = progress_bar(
+        total=cfg.epochs * steps_per_epoch * len(members),
+        desc="train reward model",
+        disable=not progress,
+    )
     step = 0
     with RunLogger(out, **tracking(cfg, figures)) as logger:
-        for epoch in range(cfg.epochs):
-            reward_model.train()
-            perm = torch.randperm(len(train_pairs), generator=generator).tolist()
-            for s in range(0, len(perm), cfg.batch_size):
-                idx = perm[s : s + cfg.batch_size]
-                rows = [chosen_rows[i] for i in idx] + [rejected_rows[i] for i in idx]
-                ids, mask = pad_right(rows, tokenizer.pad_token_id, device)  # (2B, T)
-                with autocast(device):
-                    rewards = reward_model(ids, mask).float()  # (2B,)
-                r_c, r_r = rewards[: len(idx)], rewards[len(idx) :]  # (B,), (B,)
-                margin = margins[idx].to(device) if has_margin else None
-                loss = bradley_terry_loss(r_c, r_r, margin)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                metrics = {
-                    "reward/loss": loss.item(),
-                    "reward/accuracy": (r_c > r_r).float().mean().item(),
-                    "reward/margin": (r_c - r_r).mean().item(),
-                    "reward/lr": scheduler.get_last_lr()[0],
-                    "reward/epoch": epoch + s / len(perm),
-                }
-                logger.log(step, metrics)
-                bar.update()
-                bar.set_postfix(
-                    loss=f"{metrics['reward/loss']:.3f}",
-                    acc=f"{metrics['reward/accuracy']:.2f}",
-                    refresh=False,
-                )
-            held_out = evaluate_reward_model(reward_model, tokenizer, eval_pairs, cfg.max_length)
-            logger.log(
-                step,
-                {
-                    "reward/eval_accuracy": held_out["accuracy"],
-                    "reward/eval_loss": held_out["loss"],
-                },
-            )
-            bar.write(
-                f"epoch {epoch + 1}/{cfg.epochs}: held-out accuracy {held_out['accuracy']:.3f}"
-            )
+        for k, member in enumerate(members):
+            if len(members) > 1:  # only member k's adapter and head train now
+                reward_model.requires_grad_(False)
+                params = reward_model.member_parameters(k)
+                for param in params:
+                    param.requires_grad_(True)
+                tag = {"reward/member": k}
+            else:
+                params = [p for p in member.parameters() if p.requires_grad]
+                tag = {}
+            step = _fit(cfg, member, params, data, cfg.seed + k, logger, bar, step, tag)
     bar.close()
     reward_model.eval()
 
     # 4. Normalise: samples from the base (reference) policy score mean 0, std 1 (ppo-details 9),
     #    fitted on what PPO scores: responses of PPO's length from left-padded prompts, scored from
     #    token ids by the function PPOTrainer uses.
+    #    An ensemble's members each get their own gain and bias, from the same samples.
     if cfg.normalise_samples:
         shuffled = eval_pairs.prompts + train_pairs.prompts  # split_pairs' order
-        raw = _reference_scores(cfg, lm, reward_model, tokenizer, shuffled, device)
-        reward_model.set_normalisation(raw)
+        raw = _reference_scores(cfg, lm, members, tokenizer, shuffled, device)  # (M, N)
+        for member, member_raw in zip(members, raw):
+            member.set_normalisation(member_raw)
 
-    # 5. Evaluate on the held-out pairs and save.
+    # 5. Evaluate on the held-out pairs and save. An ensemble reports its mean's accuracy and each
+    #    member's.
     result = evaluate_reward_model(reward_model, tokenizer, eval_pairs, cfg.max_length)
     result["ceiling"] = label_ceiling(train_pairs)
     result["n_train_pairs"] = len(train_pairs)
-    result["gain"] = float(reward_model.reward_gain)
-    result["bias"] = float(reward_model.reward_bias)
+    if len(members) > 1:
+        result["ensemble"] = len(members)
+        result["members"] = [
+            {
+                **evaluate_reward_model(member, tokenizer, eval_pairs, cfg.max_length),
+                "gain": float(member.reward_gain),
+                "bias": float(member.reward_bias),
+            }
+            for member in members
+        ]
+        result["member_accuracy"] = [m["accuracy"] for m in result["members"]]
+    else:
+        result["gain"] = float(reward_model.reward_gain)
+        result["bias"] = float(reward_model.reward_bias)
     result["seconds"] = round(time.perf_counter() - start, 1)
     reward_model.save_pretrained(out / "reward_model")
     atomic_write_json(out / "reward_eval.json", result)

@@ -327,6 +327,10 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
     """times a failed request to the reward server is retried (waiting 1, 2, 4, ... s) before the run checkpoints and stops"""
     reward_batch_size: int = 64
     """rows per request to the reward server"""
+    reward_ensemble: Literal["mean", "min", "uwo"] = "mean"
+    """how the members of an ensemble reward model (`rlhf train-reward --ensemble N`) are combined (Coste et al. 2023): mean, min (the worst case), or uwo (uncertainty-weighted: the mean minus --uncertainty-coef times the members' variance)"""
+    uncertainty_coef: float = 0.0
+    """lambda of --reward-ensemble uwo: how much the members' variance (population, over members) is subtracted from their mean"""
 
     def validate(self) -> None:
         super().validate()
@@ -343,6 +347,19 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
                 "--reward-timeout and --reward-batch-size must be positive and --reward-retries "
                 f"at least 0, got {self.reward_timeout}, {self.reward_batch_size} and "
                 f"{self.reward_retries}"
+            )
+        if self.reward_ensemble not in ("mean", "min", "uwo"):
+            raise ConfigError(
+                f"--reward-ensemble must be one of mean, min, uwo, got {self.reward_ensemble!r}"
+            )
+        if not (math.isfinite(self.uncertainty_coef) and self.uncertainty_coef >= 0):
+            raise ConfigError(
+                f"--uncertainty-coef must be a finite number >= 0, got {self.uncertainty_coef}"
+            )
+        if self.uncertainty_coef and self.reward_ensemble != "uwo":
+            raise ConfigError(
+                f"--uncertainty-coef weighs the members' variance in --reward-ensemble uwo only; "
+                f"with --reward-ensemble {self.reward_ensemble} leave it out"
             )
         if self.merge_lora and not self.lora_r:
             raise ConfigError("--merge-lora needs --lora-r (there is no adapter to merge)")

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import read_prompt_records
 from ..errors import ConfigError
+from ..models.reward_ensemble import RewardEnsemble, ensemble_base, is_ensemble_dir
 from ..models.reward_model import RewardModel
 from ..models.reward_model import reward_model_folder as reward_model_folder  # re-exported
 from .config import PPORunConfig
@@ -43,8 +44,8 @@ def default_reward_model_dir(
     for name in ("prompt_field", "chosen_field", "rejected_field"):
         reward_fields.pop(name)
     # Options added since, unset: out of the key, so that earlier caches stay valid.
-    for name in ("eos_token",):
-        if reward_fields[name] is None:
+    for name, unset in (("eos_token", None), ("ensemble", 1), ("ensemble_bootstrap", False)):
+        if reward_fields[name] == unset:
             reward_fields.pop(name)
     target = root / cache_key(
         "reward", {"reward": reward_fields, "base": dataclasses.asdict(base_cfg)}
@@ -162,6 +163,7 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
             check_model_dir(directory)
     if cfg.reward_model:
         check_reward_model_dir(reward_model_folder(cfg.reward_model))
+    check_ensemble_options(cfg, use_model)
     if prompts is None and cfg.task == "arithmetic":
         from ..task.arithmetic import arithmetic_prompts
 
@@ -205,7 +207,9 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
         given = reward_model_folder(cfg.reward_model)
         rm_tokenizer = load_tokenizer(given, trust_remote_code=cfg.trust_remote_code)
         if rm_tokenizer.get_vocab() == tokenizer.get_vocab():  # else it re-encodes the text
-            models["--reward-model"] = adapter_base(given) or given  # a LoRA adapter: its base
+            # A LoRA adapter or an ensemble of them: the base they adapt.
+            base = ensemble_base(given) if is_ensemble_dir(given) else adapter_base(given)
+            models["--reward-model"] = base or given
             if rm_tokenizer.eos_token != tokenizer.eos_token:
                 # Scores are read at the policy's EOS, a token the reward model never ended on.
                 print(
@@ -245,15 +249,51 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
             "--value-model reward needs its own copy of the reward model, but this LoRA reward "
             "model shares the policy's base; use the default --value-model shared"
         )
-    reward_model = RewardModel.from_pretrained(
-        rm_dir, trust_remote_code=code, share_base=policy if share else None
-    )
+    if is_ensemble_dir(rm_dir):  # its own base, held once for all its members
+        reward_model = RewardEnsemble.from_pretrained(
+            rm_dir, trust_remote_code=code, rule=cfg.reward_ensemble,
+            uncertainty_coef=cfg.uncertainty_coef,
+        )  # fmt: skip
+    else:
+        reward_model = RewardModel.from_pretrained(
+            rm_dir, trust_remote_code=code, share_base=policy if share else None
+        )
     if not share and cfg.value_model != "reward":  # the critic is copied from it in float32
         reward_model.requires_grad_(False)
         cast_frozen(reward_model.base_model, frozen_dtype, keep_head=False)
     return RunInputs(
         prompts, columns, policy.to(device), ref, reward_model.to(device), tokenizer, terms
     )
+
+
+def check_ensemble_options(cfg: PPORunConfig, use_model: bool) -> None:
+    """--reward-ensemble and --uncertainty-coef need an ensemble reward model; an ensemble needs
+    the default --value-model and no --shard (one line each, before any model loads)."""
+    ensemble = bool(cfg.reward_model) and is_ensemble_dir(reward_model_folder(cfg.reward_model))
+    if not ensemble and (cfg.reward_ensemble != "mean" or cfg.uncertainty_coef):
+        given = f"--reward-ensemble {cfg.reward_ensemble}" if cfg.reward_ensemble != "mean" else ""
+        given = given or f"--uncertainty-coef {cfg.uncertainty_coef}"
+        which = (
+            f"the reward model in {cfg.reward_model} is a single model"
+            if cfg.reward_model
+            else "the built-in reward model is a single model"
+            if use_model
+            else "this run has no reward model"
+        )
+        raise ConfigError(
+            f"{given} combines the members of an ensemble, but {which}; train one with "
+            "`rlhf train-reward --ensemble N` or leave the option out"
+        )
+    if ensemble and cfg.value_model == "reward":
+        raise ConfigError(
+            "--value-model reward starts the critic from one reward model, and this one is an "
+            "ensemble; use the default --value-model shared"
+        )
+    if ensemble and cfg.shard:
+        raise ConfigError(
+            "--shard does not take an ensemble reward model (its members switch LoRA adapters on "
+            "one base); run data-parallel without --shard"
+        )
 
 
 def check_positions(

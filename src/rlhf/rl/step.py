@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.policy import PolicyWithValueHead
+from ..models.reward_ensemble import RewardEnsemble
 from ..models.reward_model import RewardModel
 from .config import PPOConfig
 from .trainer import PPOTrainer
@@ -102,7 +103,7 @@ def _check_ppo_step_args(policy_model, reward_model, ref_model, prompts, tokeniz
         raise TypeError(
             f"ppo_step: reward_model is a path ({str(reward_model)!r}), not a model; {_LOAD_RM}"
         )
-    if not isinstance(reward_model, RewardModel):
+    if not isinstance(reward_model, (RewardModel, RewardEnsemble)):
         raise TypeError(
             f"ppo_step: reward_model must be an rlhf RewardModel (a scalar head on a language "
             f"model), got {type(reward_model).__name__}; {_LOAD_RM}"

@@ -43,6 +43,7 @@ from ..models.forward import (
 from ..models.generation import decode_responses, encode_prompts, sample_responses
 from ..models.lora import is_peft
 from ..models.policy import PolicyWithValueHead, ValueModel
+from ..models.reward_ensemble import RewardEnsemble
 from ..models.reward_model import RewardModel
 from ..reward.sources import RewardError, Rewards, RewardTerm, ScoreBatch
 from .advantages import compute_advantages
@@ -58,7 +59,7 @@ def _freeze(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     model.eval()  # dropout off (ppo-details 2)
     for p in model.parameters():
         p.requires_grad_(False)
-    if isinstance(model, RewardModel):
+    if isinstance(model, (RewardModel, RewardEnsemble)):  # an ensemble's heads stay float32 too
         cast_frozen(model.base_model, dtype, keep_head=False)
         return model
     return cast_frozen(model, dtype)
@@ -503,6 +504,8 @@ class PPOTrainer(PPOUpdate):
                 "lr": self.scheduler.get_last_lr()[0],
             }
             metrics.update(term_metrics(self.rewards.names, b.reward_terms))
+            if isinstance(self.reward_model, RewardEnsemble):  # the members' disagreement
+                metrics.update(self.reward_model.pop_metrics())
         if self.gold_judge is not None:
             gold = self.gold_judge.score_batch(b.prompts, b.texts, b.ended)
             metrics["objective/gold"] = sum(gold) / len(gold)

@@ -304,3 +304,66 @@ def test_preallocation_leaves_other_caches_alone():
     assert not preallocate_cache(cache, 3)
     assert cache.layers[0].keys is before
     assert not preallocate_cache(object(), 3)  # no layers at all (an older transformers)
+
+
+# ----- forward passes that run a shared prompt once -------------------------------------------
+def _grouped_rows(tokenizer, R: int = 6):
+    from rlhf.models.generation import encode_prompts
+
+    prompts = [p for p in ["the film was", "a", "I thought the acting"] for _ in range(3)]
+    ids, mask, _ = encode_prompts(tokenizer, prompts)  # (9, P), left-padded
+    response = torch.randint(3, len(tokenizer), (9, R), generator=torch.Generator().manual_seed(0))
+    response_mask = torch.ones(9, R, dtype=torch.long)
+    response_mask[0, 4:] = 0  # one row ends early
+    return torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), ids.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prompt_forward_matches_the_whole_rows(tiny_tokenizer, arch, dtype):
+    """Logits and gradients with each distinct prompt run once equal the one-pass forward's."""
+    from conftest import make_tiny_lm
+    from rlhf.models.forward import position_ids_from_mask, shared_prompt_logits
+
+    lm = make_tiny_lm(tiny_tokenizer, arch)
+    ids, mask, P = _grouped_rows(tiny_tokenizer)
+    R = ids.shape[1] - P
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+
+    def loss_and_grads(shared: bool):
+        lm.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if shared:
+                logits = shared_prompt_logits(lm, ids, mask, P, R + 1)
+            else:
+                logits = lm(
+                    input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    logits_to_keep=R + 1,
+                ).logits  # fmt: skip
+        logp = logits.float().log_softmax(-1)  # (9, R+1, V)
+        loss = logp[:, :-1].gather(-1, ids[:, P:, None]).squeeze(-1)[mask[:, P:].bool()].sum()
+        loss.backward()
+        return logp.detach(), [p.grad.clone() for p in lm.parameters()]
+
+    whole, whole_grads = loss_and_grads(False)
+    shared, shared_grads = loss_and_grads(True)
+    assert shared.shape == whole.shape
+    torch.testing.assert_close(shared, whole, atol=tol, rtol=tol)
+    for a, b in zip(shared_grads, whole_grads):
+        torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol * 10)
+
+
+def test_shared_prompt_forward_declines_where_it_cannot_help(tiny_tokenizer):
+    from conftest import make_tiny_lm
+    from rlhf.models.forward import shared_prompt_logits
+
+    lm = make_tiny_lm(tiny_tokenizer, "llama")
+    ids, mask, P = _grouped_rows(tiny_tokenizer)
+    distinct = [0, 3, 6]  # one row of each prompt: nothing to share
+    assert shared_prompt_logits(lm, ids[distinct], mask[distinct], P, 3) is None
+    # Its training forward drops the cache (transformers 5 renamed the switch).
+    enable = (
+        getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    )
+    enable()
+    assert shared_prompt_logits(lm, ids, mask, P, 3) is None

@@ -17,6 +17,80 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first row of each distinct row of `x` (U,), and which of them each row is (B,)."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)  # (B,) into the sorted distinct rows
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0], dtype=torch.long, device=x.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(x.shape[0], device=x.device), "amin")
+    order = torch.argsort(first)  # distinct rows in order of first appearance
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))
+    return first[order], rank[inverse]
+
+
+def _plain_cache(cache) -> bool:
+    """A transformers cache made of plain growing layers (no sliding window, no quantisation)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def shared_prompt_logits(
+    lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, P: int, keep: int
+) -> torch.Tensor | None:
+    """Logits (B, keep, V) of the last `keep` positions (keep <= R + 1), with each distinct prompt
+    of `ids[:, :P]` run through the model once: its keys and values are copied to every row that
+    shares it, and only the responses `ids[:, P:]` are run per row (PrefixGrouper, Liu et al.
+    2025, does this for GRPO's groups: the k samples of a prompt share its forward pass).
+
+    The numbers are the one-pass forward's up to float rounding; gradients reach the prompt's
+    positions through the copied keys and values. Returns None where it does not apply (every
+    prompt distinct, a model without a transformers cache, gradient checkpointing on, whose
+    training forward drops the cache); the caller then runs the whole rows as usual.
+    """
+    B, R = ids.shape[0], ids.shape[1] - P
+    inner = unwrap(lm)
+    checkpointing = getattr(
+        inner, "is_activation_checkpointing", None
+    )  # transformers 5.x; older ones call it is_gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if R < 1 or keep > R + 1 or checkpointing:
+        return None
+    cache_arg = "cache" if accepts_kwarg(lm, "cache") else "past_key_values"
+    if not accepts_kwarg(lm, cache_arg) or not accepts_kwarg(lm, "logits_to_keep"):
+        return None
+    rows, which = unique_rows(torch.cat([ids[:, :P], mask[:, :P]], 1))  # (U,), (B,)
+    if len(rows) == B:
+        return None
+    positions = position_ids_from_mask(mask)  # (B, P+R)
+    first = lm(
+        input_ids=ids[rows, :P], attention_mask=mask[rows, :P], position_ids=positions[rows, :P],
+        use_cache=True, logits_to_keep=1,
+    )  # fmt: skip
+    cache = first[cache_arg]
+    if not _plain_cache(cache):
+        return None
+    for layer in cache.layers:  # (U, ...) -> (B, ...): each row gets its prompt's keys and values
+        # index_select, whose backward is index_add_: indexing with a tensor backpropagates
+        # through index_put_ with accumulation, several times slower on the CPU.
+        layer.keys = layer.keys.index_select(0, which)
+        layer.values = layer.values.index_select(0, which)
+    rest = lm(
+        input_ids=ids[:, P:],
+        attention_mask=mask,
+        position_ids=positions[:, P:],
+        use_cache=True,
+        logits_to_keep=min(keep, R),
+        **{cache_arg: cache},
+    ).logits  # (B, min(keep, R), V)
+    if keep <= R:
+        return rest
+    return torch.cat([first.logits[which], rest], 1)  # (B, R+1, V)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """Where the model's first parameter lives (the CPU for a model without parameters)."""
     param = next(model.parameters(), None)

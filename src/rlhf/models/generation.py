@@ -19,7 +19,7 @@ from torch import nn
 from ..core import first_eos_index
 from ..data import Message, PreferencePair
 from ..errors import ConfigError, InputError
-from .forward import accepts_kwarg, position_ids_from_mask
+from .forward import accepts_kwarg, position_ids_from_mask, unique_rows
 
 
 def encode_prompts(
@@ -210,16 +210,6 @@ def _sample(
     u = u.to(device=probs.device, dtype=torch.float64).unsqueeze(-1)  # (B, 1)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
     return token.clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
-
-
-def unique_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first row of each distinct row of `x` (U,), and which of them each row is (B,)."""
-    _, inverse = torch.unique(x, dim=0, return_inverse=True)  # (B,) into the sorted distinct rows
-    first = torch.full((int(inverse.max()) + 1,), x.shape[0], dtype=torch.long, device=x.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(x.shape[0], device=x.device), "amin")
-    order = torch.argsort(first)  # distinct rows in order of first appearance
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=x.device))
-    return first[order], rank[inverse]
 
 
 def preallocate_cache(cache, extra: int, rows: torch.Tensor | None = None) -> bool:

@@ -23,6 +23,7 @@ from .forward import (
     float32_linear,
     hidden_size_of,
     position_ids_from_mask,
+    shared_prompt_logits,
 )
 from .loading import check_model_dir, load_causal_lm
 from .lora import adapter_base, is_peft, load_adapter, peft_quietly, save_adapter
@@ -48,13 +49,25 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int = 0,
+        prompt_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) and values (B, T) for every position (None without a value head).
 
         With `logits_to_keep=K > 0` the logits cover only the last K positions, (B, K, V), where
         the model supports it (transformers' `logits_to_keep`): the LM head skips the prompt.
+        With `prompt_length=P` as well and no value head, rows that share their first P tokens
+        (the samples of one prompt) run those once (`shared_prompt_logits`).
         """
+        if prompt_length is not None and logits_to_keep and self.value_head is None:
+            logits = shared_prompt_logits(
+                self.lm, input_ids, attention_mask, prompt_length, logits_to_keep
+            )
+            if logits is not None:
+                return logits, None
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if accepts_kwarg(self.lm, "position_ids"):
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)

@@ -236,10 +236,17 @@ class TrainedModules(nn.Module):
         self.value_model = value_model
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int = 0,
+        prompt_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, K, V) of the last K positions (all with 0) and values (B, T)."""
-        logits, values = self.policy(input_ids, attention_mask, logits_to_keep=logits_to_keep)
+        """Logits (B, K, V) of the last K positions (all with 0) and values (B, T);
+        `prompt_length` as `PolicyWithValueHead.forward` takes it."""
+        logits, values = self.policy(
+            input_ids, attention_mask, logits_to_keep=logits_to_keep, prompt_length=prompt_length
+        )
         if self.value_model is not None:
             values = self.value_model(input_ids, attention_mask)  # (B, T)
         return logits, values

@@ -22,8 +22,13 @@ import torch
 
 from ..core import dpo_loss, logprobs_from_logits
 from ..data import atomic_write_json, write_jsonl
-from ..models.forward import accepts_kwarg, autocast, position_ids_from_mask
-from ..models.generation import apply_chat_template, pad_right, render_conversation_pairs
+from ..models.forward import (
+    accepts_kwarg,
+    autocast,
+    position_ids_from_mask,
+    shared_prompt_logits,
+)
+from ..models.generation import apply_chat_template, render_conversation_pairs
 from ..models.lora import AdaptersOff, adapter_dropout, apply_lora
 from ..models.policy import save_lm
 from ..reward.loss import encode_texts
@@ -74,24 +79,41 @@ def encode_pairs(tokenizer, pairs: Pairs, max_length: int) -> tuple[list, list, 
 
 
 def sequence_logps(lm, rows: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of response-token log-probs and number of response tokens per row: (2B,), (2B,)."""
-    ids, mask = pad_right([r[0] for r in rows], pad_id, device)  # (N, T)
-    response, _ = pad_right([r[1] for r in rows], 0, device)  # (N, T)
-    T = ids.shape[1]
-    # The LM head runs only from the position before the earliest response token on (TRL's
-    # DPOTrainer does as much): the prompt's own logits are never used, and the head is most of
-    # a small model's compute and memory.
-    first = min(r[1].index(1) if 1 in r[1] else len(r[1]) for r in rows)  # earliest response token
-    first = max(1, min(first, T - 1))
-    kwargs = {"logits_to_keep": T - first + 1} if accepts_kwarg(lm, "logits_to_keep") else {}
+    """Sum of response-token log-probs and number of response tokens per row: (2B,), (2B,).
+
+    Each row is laid out as its context (the tokens before its first response token),
+    left-padded, then its response, right-padded: (N, P + R). The LM head runs only on the
+    response positions (TRL's DPOTrainer does as much), and a context shared by several rows (a
+    pair's chosen and rejected) runs through the model once (`shared_prompt_logits`).
+    """
+    starts = [max(1, r[1].index(1)) if 1 in r[1] else len(r[0]) for r in rows]  # first response
+    contexts = [r[0][:n] for r, n in zip(rows, starts)]
+    responses = [r[0][n:] for r, n in zip(rows, starts)]
+    keeps = [r[1][n:] for r, n in zip(rows, starts)]
+    P = max(len(c) for c in contexts)
+    R = max(1, max(len(x) for x in responses))
+    N = len(rows)
+    ids = torch.full((N, P + R), pad_id, dtype=torch.long)  # (N, P+R)
+    mask = torch.zeros((N, P + R), dtype=torch.long)  # (N, P+R)
+    keep = torch.zeros((N, R), dtype=torch.bool)  # (N, R): the response tokens that count
+    for i, (c, x, k) in enumerate(zip(contexts, responses, keeps)):
+        ids[i, P - len(c) : P] = torch.tensor(c, dtype=torch.long)
+        mask[i, P - len(c) : P] = 1
+        if x:
+            ids[i, P : P + len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, P : P + len(x)] = 1
+            keep[i, : len(x)] = torch.tensor(k, dtype=torch.bool)
+    ids, mask, keep = ids.to(device), mask.to(device), keep.to(device)
     with autocast(ids.device):
-        logits = lm(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-            use_cache=False, **kwargs,
-        ).logits  # (N, T - first + 1, V), or (N, T, V)  # fmt: skip
-    logits = logits[:, -(T - first + 1) :]  # (N, T - first + 1, V): positions first-1 .. T-1
-    logp = logprobs_from_logits(logits[:, :-1], ids[:, first:])  # (N, T-first): token t given < t
-    keep = response[:, first:].bool()  # (N, T-first)
+        logits = shared_prompt_logits(lm, ids, mask, P, R + 1)  # (N, R+1, V)
+        if logits is None:
+            kwargs = {"logits_to_keep": R + 1} if accepts_kwarg(lm, "logits_to_keep") else {}
+            logits = lm(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, **kwargs,
+            ).logits  # (N, R+1, V), or (N, P+R, V)  # fmt: skip
+    logits = logits[:, -(R + 1) : -1]  # (N, R, V): position P-1+t predicts response token t
+    logp = logprobs_from_logits(logits, ids[:, P:])  # (N, R)
     return torch.where(keep, logp, torch.zeros_like(logp)).sum(1), keep.sum(1).float()  # (N,) x2
 
 

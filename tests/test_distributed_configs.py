@@ -4,8 +4,9 @@ tests/test_distributed.py checks the world-size equality in one configuration (a
 minibatch, GAE, a value head on the policy); here the same equality holds with several minibatches
 split into micro-batches, rollout chunks, gradient checkpointing, the critic-free group estimators
 (several samples per prompt, a baseline from the other samples of the prompt), and the separate
-critic (`--value-model reward`) data-parallel and sharded. Configurations that can share a launch
-share one (each torchrun launch takes 10-20 s here). The reference runs in this process.
+critic (`--value-model reward`) data-parallel and sharded, and PAR reward shaping (its reference
+responses). Configurations that can share a launch share one (each torchrun launch takes 10-20 s
+here). The reference runs in this process.
 
 The runs use test_distributed.py's setup: a tiny GPT-2 that answers EOS at once after "?" and
 almost never otherwise, and a prompt pool of three "?" prompts and one other, so that responses
@@ -86,6 +87,13 @@ CONFIGS = {
     "value-model-reward-ddp": (
         ("--value-model", "reward", "--batch-size", "8", "--minibatch-size", "4",
          "--micro-batch-size", "1"),
+        True,
+    ),
+    # Preference As Reward: 2 reference responses a row, their draws the global batch's, sampled
+    # and scored in each process's chunks of 3 and 1 (a draw per chunk or process would differ).
+    "par-references-chunks": (
+        ("--reward-shaping", "par", "--par-samples", "2", "--batch-size", "8",
+         "--minibatch-size", "4", "--micro-batch-size", "1", "--rollout-batch-size", "3"),
         True,
     ),
     "value-model-reward-shard": (

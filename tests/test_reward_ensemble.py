@@ -265,6 +265,8 @@ def _ppo_argv(model_dir, rm_dir, prompts, out, *extra) -> list[str]:
     "extra, message",
     [
         (["--reward-ensemble", "min"], "is a single model"),
+        # The default is auto; mean given by name asks for an ensemble too.
+        (["--reward-ensemble", "mean"], "--reward-ensemble mean combines the members"),
         (["--reward-ensemble", "uwo", "--uncertainty-coef", "0.5"], "is a single model"),
         (["--uncertainty-coef", "0.5"], "in --reward-ensemble uwo only"),
         (["--reward-ensemble", "uwo", "--uncertainty-coef", "-1"], "--uncertainty-coef must be"),
@@ -314,6 +316,36 @@ def test_ppo_with_an_ensemble_logs_its_disagreement(tmp_path, ensemble_dir, tiny
     )  # fmt: skip
     reward_model = load_run(cfg, progress=False).reward_model
     assert isinstance(reward_model, RewardEnsemble) and reward_model.rule == "min"
+    # The default, auto, combines an ensemble by its mean, whatever rule the folder saved.
+    spec = json.loads((folder / "ensemble.json").read_text())
+    (folder / "ensemble.json").write_text(json.dumps({**spec, "rule": "min"}))
+    cfg.reward_ensemble = "auto"
+    assert load_run(cfg, progress=False).reward_model.rule == "mean"
     cfg.reward_ensemble, cfg.value_model = "mean", "reward"
     with pytest.raises(ConfigError, match="--value-model reward"):
         load_run(cfg, progress=False)
+
+
+def test_par_reference_rows_stay_out_of_the_disagreement(tiny_tokenizer, tiny_model_dir):
+    """With PAR shaping the ensemble also scores the reference's responses; the disagreement
+    logged (and watched by the alarm) covers the policy's rows only."""
+    import copy
+
+    from conftest import make_tiny_lm
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.trainer import PPOTrainer
+
+    ensemble = _ensemble(tiny_model_dir)
+    ensemble.tokenizer = tiny_tokenizer
+    policy = make_tiny_lm(tiny_tokenizer)
+    cfg = PPOConfig(
+        batch_size=4, minibatch_size=4, ppo_epochs=1, response_tokens=6, dtype="float32",
+        reward_shaping="par", par_samples=2,
+    )  # fmt: skip
+    trainer = PPOTrainer(policy, copy.deepcopy(policy), ensemble, tiny_tokenizer, cfg)
+    recorded = []
+    real = ensemble._record
+    ensemble._record = lambda scores: recorded.append(scores.shape[1]) or real(scores)
+    metrics = trainer.step(PROMPTS[:4])
+    assert sum(recorded) == 4  # the 4 policy rows, not the 8 reference responses
+    assert metrics["reward/ensemble_std"] > 0

@@ -517,7 +517,7 @@ def _run_serve_reward(args) -> None:
 
 
 def _run_sweep(args) -> None:
-    from .analysis.frontier import frontier_sweep, peak_table
+    from .analysis.frontier import alarm_table, frontier_sweep, peak_table
     from .tracking import save_options
 
     cfg = config_from_args(SweepConfig, args)
@@ -528,9 +528,11 @@ def _run_sweep(args) -> None:
     save_options(cfg.out, "sweep", dataclasses.asdict(cfg))
     result = frontier_sweep(plan, out=cfg.out, base=base)
     out = Path(cfg.out)
+    alarms = alarm_table(result)
     print(
         f"sweep: {', '.join(plan.methods)} over {plan.seeds} seed(s)\n{peak_table(result)}\n"
-        f"  figure:  {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
+        + (f"disagreement alarm, per setting:\n{alarms}\n" if alarms else "")
+        + f"  figure:  {out / 'sweep.png'}\n  numbers: {out / 'sweep.json'}"
     )
 
 

@@ -81,7 +81,7 @@ PPO_HELP_GROUPS = {
     "outputs": "what is written to --out, and how often",
     "PPO": "the PPO update; (ppo-details N) refers to docs/ppo-details.md",
     "advantages": "the advantage estimator: GAE with a critic, or a critic-free group baseline",
-    "rewards": "what scores a response: the reward model, Python reward functions, a reward server",
+    "rewards": "what scores a response: the reward model, Python reward functions, a reward server; shaping",
     "KL penalty": "the penalty that keeps the policy near the reference",
     "generation": "how responses are sampled during training",
     "LoRA": "train low-rank adapters instead of every weight",
@@ -157,7 +157,7 @@ OPTION_GROUP = {
     **dict.fromkeys(
         ("reward_fn", "reward_weights", "reward_model_weight", "reward_url", "reward_url_weight",
          "reward_label_field", "reward_timeout",
-         "reward_retries", "reward_batch_size"),
+         "reward_retries", "reward_batch_size", "reward_shaping", "reward_clip", "par_samples"),
         "rewards",
     ),
 }  # fmt: skip

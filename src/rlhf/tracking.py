@@ -97,7 +97,10 @@ def save_options(out_dir: str | Path, command: str, options: dict) -> None:
 def option_changes(saved: dict, config: Any) -> list[tuple[str, Any, Any]]:
     """(field, saved value, value now) for each field of the dataclass `config` whose value differs
     from `saved` (a config.json read back). A field `saved` lacks came after the run that wrote
-    it, which therefore ran with the field's default."""
+    it, which therefore ran with the field's default. A config class may translate what its
+    earlier versions saved (its `saved_options`)."""
+    upgrade = getattr(config, "saved_options", None)
+    saved = upgrade(saved) if upgrade is not None else saved
     changes = []
     for f in dataclasses.fields(config):
         old = saved.get(f.name, f.default)

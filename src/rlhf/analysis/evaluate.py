@@ -211,8 +211,19 @@ def reward_model_dir(cfg: EvalConfig, source: PolicySource, progress: bool) -> P
     if source.builtin and source.task == "arithmetic":
         return None  # scored by its verifier: the gold judge below, no reward model
     if source.builtin:
+        from ..rl.config import PPORunConfig
+        from ..rl.inputs import builtin_reward_config
+
         cache = cfg.cache_dir or source.run_config.get("cache_dir")
-        return default_reward_model_dir(cache, progress=progress) / "reward_model"
+        # The run's own: the built-in ensemble if it scored with one (--reward-ensemble min, ...).
+        run = PPORunConfig(**{
+            k: v for k, v in PPORunConfig.saved_options(source.run_config).items()
+            if k in ("reward_ensemble", "ensemble_members")
+        })  # fmt: skip
+        reward_cfg = builtin_reward_config(run)
+        return default_reward_model_dir(cache, reward_cfg=reward_cfg, progress=progress) / (
+            "reward_model"
+        )
     return None
 
 

@@ -12,6 +12,11 @@ A finished run (its summary.json or dpo_eval.json is there, and its config.json 
 this sweep would give it) is read back instead of run again, so an interrupted sweep resumes where
 it stopped; a run made with other options is made again. Every method's gold and KL are measured
 on prompts from the task's training openings (PPO's rollouts; DPO with --eval-split train).
+
+With --defences every RL run is also made with each defence (`defences`: the built-in ensemble
+reward model combined by mean, min or uwo, or PAR shaping), each its own method in the table and
+the figure (`gae-min`), with the disagreement alarm's lead on the gold peak where it has an
+ensemble. The defence none is the sweep as without the option, its runs under the same names.
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ from ..rl.checkpoint import option_flag
 from ..rl.config import GROUP_ESTIMATORS, PPORunConfig
 from ..rl.run import train_ppo
 from ..tracking import option_changes
-from .frontier_plot import LABELS, plot_methods
+from .defences import alarm_cells, alarm_summary, defence_options, entry_name, run_alarm
+from .frontier_plot import entry_label, plot_methods
 from .series import trailing_means
 from .sweep import best_of_n_curve, fit_functional_form
-from .sweep_config import RL_METHODS, SweepPlan
+from .sweep_config import ENSEMBLE_DEFENCES, RL_METHODS, SweepPlan
 
 
-def run_name(method: str, coef: float, seed: int) -> str:
+def run_name(method: str, coef: float, seed: int, defence: str = "none") -> str:
+    """The run's folder in the sweep: `gae/kl_0.1/seed_0`, with a defence `gae-min/kl_0.1/seed_0`."""
     knob = "beta" if method == "dpo" else "kl"
-    return f"{method}/{knob}_{coef:g}/seed_{seed}"
+    return f"{entry_name(method, defence)}/{knob}_{coef:g}/seed_{seed}"
 
 
 def _rl_run(
@@ -45,33 +52,42 @@ def _rl_run(
     seed: int,
     out: Path,
     progress: bool,
+    defence: str = "none",
+    ensemble_dir: str | None = None,
 ) -> dict:
-    """One RL run (or its saved result) as per-step curves of d, gold, proxy and seconds."""
-    run_dir = out / run_name(method, coef, seed)
+    """One RL run (or its saved result) as per-step curves of d, gold, proxy and seconds, and
+    its alarm (`defences.run_alarm`)."""
+    run_dir = out / run_name(method, coef, seed, defence)
     k = plan.samples_per_prompt if method in GROUP_ESTIMATORS else 1
     cfg = dataclasses.replace(
         base, out=str(run_dir), advantage_estimator=method, kl_coef=coef, seed=seed,
         steps=plan.steps, samples_per_prompt=k, batch_size=plan.sequences // k,
         minibatch_size=plan.sequences, adaptive_kl=False, kl_in="auto", kl_estimator="auto",
         loss_aggregation="auto", value_model="shared",
+        **defence_options(defence, plan, ensemble_dir),
     )  # fmt: skip
     resolved = dataclasses.replace(cfg)
     resolved.resolve()  # config.json holds what "auto" stood for
     done = (run_dir / "summary.json").is_file() and _same_options(run_dir, resolved)
     if not (done and len(read_jsonl(run_dir / "metrics.jsonl")) == plan.steps):
-        train_ppo(cfg, progress=progress, label=f"{LABELS[method]}, kl_coef {coef:g}, seed {seed}")
+        label = entry_label(method, {"defence": defence})
+        train_ppo(cfg, progress=progress, label=f"{label}, kl_coef {coef:g}, seed {seed}")
     rows = read_jsonl(run_dir / "metrics.jsonl")
     seconds, total = [], 0.0
     for r in rows:
         total += r.get("time/step_s") or 0.0
         seconds.append(total)
     kl = trailing_means([max(r["objective/kl"], 0.0) for r in rows])
+    gold = trailing_means([r["objective/gold"] for r in rows])
+    # The proxy is the reward model's score, before shaping (PAR's is in (0, 1)).
+    proxy = [r.get("reward/unshaped", r["objective/reward"]) for r in rows]
     return {
         "d": [math.sqrt(x) for x in kl],
-        "gold": trailing_means([r["objective/gold"] for r in rows]),
-        "proxy": trailing_means([r["objective/reward"] for r in rows]),
+        "gold": gold,
+        "proxy": trailing_means(proxy),
         "seconds": seconds,
         "step_s": sum(r.get("time/step_s") or 0.0 for r in rows[1:]) / max(1, len(rows) - 1),
+        "alarm": run_alarm(rows, gold),
     }
 
 
@@ -149,9 +165,13 @@ def frontier_sweep(
     out: str | Path = "runs/sweep",
     base: PPORunConfig | None = None,
     progress: bool = True,
+    ensemble_model: str | Path | None = None,
 ) -> dict:
-    """Run (or read back) every run of the plan; write sweep.json and sweep.png; return the result."""
-    from ..rl.inputs import default_reward_model_dir
+    """Run (or read back) every run of the plan; write sweep.json and sweep.png; return the result.
+
+    `ensemble_model` is the ensemble reward model folder of the defences mean, min and uwo;
+    default: the built-in task's, of `base.ensemble_members` (trained on first use)."""
+    from ..rl.inputs import builtin_reward_config, default_reward_model_dir
     from ..task.default import base_model_dir
 
     out = Path(out)
@@ -164,15 +184,28 @@ def frontier_sweep(
     if base.reward_model is None:
         rm_root = default_reward_model_dir(base.cache_dir, progress=progress)
         base = dataclasses.replace(base, reward_model=str(rm_root / "reward_model"))
+    if any(d in ENSEMBLE_DEFENCES for d in plan.defences) and ensemble_model is None:
+        members = builtin_reward_config(dataclasses.replace(base, reward_ensemble="mean"))
+        ensemble_model = (
+            default_reward_model_dir(base.cache_dir, reward_cfg=members, progress=progress)
+            / "reward_model"
+        )
+    ensemble_dir = str(ensemble_model) if ensemble_model is not None else None
     seeds = list(range(base.seed, base.seed + plan.seeds))
     methods: dict[str, dict] = {}
     for method in plan.methods:
         if method in RL_METHODS:
-            settings = {}
-            for coef in plan.kl_coefs:
-                curves = [_rl_run(base, plan, method, coef, s, out, progress) for s in seeds]
-                settings[f"{coef:g}"] = _summarise(curves, coef)
-            methods[method] = {"knob": "kl_coef", "settings": settings}
+            for defence in plan.defences:
+                settings = {}
+                for coef in plan.kl_coefs:
+                    curves = [
+                        _rl_run(base, plan, method, coef, s, out, progress, defence, ensemble_dir)
+                        for s in seeds
+                    ]
+                    settings[f"{coef:g}"] = _summarise(curves, coef)
+                methods[entry_name(method, defence)] = {
+                    "knob": "kl_coef", "settings": settings, "method": method, "defence": defence,
+                }  # fmt: skip
         elif method == "dpo":
             prefs = (rm_root or Path(base.reward_model).parent) / "preferences.jsonl"
             if not prefs.is_file():
@@ -210,6 +243,9 @@ def _summarise(curves: list[dict], coef: float) -> dict:
         summary["proxy"] = _mean_curve(curves, "proxy")
     if all("step_s" in c for c in curves):
         summary["step_s"] = sum(c["step_s"] for c in curves) / len(curves)
+    alarm = alarm_summary(curves)
+    if alarm is not None:
+        summary["alarm"] = alarm
     return summary
 
 
@@ -255,20 +291,21 @@ def _best_of_n(base: PPORunConfig, plan: SweepPlan, seeds: list[int], out: Path)
 
 def _fit_and_tabulate(result: dict) -> None:
     """Per method: the fitted functional form with R^2, and the row of the peak table."""
-    for method, entry in result["methods"].items():
-        form = "bon" if method == "best_of_n" else "rl"
+    for name, entry in result["methods"].items():
+        form = "bon" if entry.get("method", name) == "best_of_n" else "rl"
         d, gold = [], []
         best = None
-        for name, s in entry["settings"].items():
+        for setting, s in entry["settings"].items():
             gold_0 = s["gold"][0]
             relative = [g - gold_0 for g in s["gold"]]
             d += s["d"]
             gold += relative
             peak = max(range(len(relative)), key=relative.__getitem__)
             row = {
-                "setting": name, "gold": relative[peak], "gold_std": s["gold_std"][peak],
+                "setting": setting, "gold": relative[peak], "gold_std": s["gold_std"][peak],
                 "kl": s["d"][peak] ** 2, "seconds": s["seconds"][peak], "index": peak,
                 "n": s["n"][peak] if "n" in s else None,
+                "gold_end": relative[-1], "kl_end": s["d"][-1] ** 2, "alarm": s.get("alarm"),
             }  # fmt: skip
             if best is None or row["gold"] > best["gold"]:
                 best = row
@@ -284,22 +321,52 @@ def _fit_and_tabulate(result: dict) -> None:
 
 
 def peak_table(result: dict) -> str:
-    """Markdown: per method, gold at its peak (over settings and steps), the KL there, when (the RL
-    step), and the seconds it took to get there; RL methods also their mean seconds per step.
+    """Markdown: per method (and defence), gold at its peak (over settings and steps), the KL
+    there, when (the RL step), gold and KL at the end of that setting's runs, the disagreement
+    alarm's mean lead on the gold peak and in how many runs it fired (blank without an ensemble),
+    the seconds it took to get to the peak; RL methods also their mean seconds per step.
     Seconds are wall time as measured: on a busy machine compare steps, and time a step alone
     (benchmarks/bench_algos.py)."""
     lines = [
-        "| method | best setting | gold at its peak (± std over seeds) | KL there (nats) | at step | seconds to get there | s per step |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| method | best setting | gold at its peak (± std over seeds) | KL there (nats) | at step | gold at the end | KL there (nats) | alarm lead (steps) | alarm fired | seconds to get there | s per step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method, entry in result["methods"].items():
+    for name, entry in result["methods"].items():
+        method = entry.get("method", name)
         p = entry["peak"]
         knob = entry["knob"]
         setting = f"n = {p['n']}" if method == "best_of_n" else f"{knob} {p['setting']}"
         step_s = f"{entry['step_s']:.2f}" if "step_s" in entry else ""
         at = str(p.get("index", "")) if method in RL_METHODS else ""
+        lead, fired = alarm_cells(p.get("alarm"))
         lines.append(
-            f"| {LABELS[method]} | {setting} | {p['gold']:+.3f} ± {p['gold_std']:.3f} | "
-            f"{p['kl']:.1f} | {at} | {p['seconds']:.0f} | {step_s} |"
+            f"| {entry_label(name, entry)} | {setting} | {p['gold']:+.3f} ± {p['gold_std']:.3f} | "
+            f"{p['kl']:.1f} | {at} | {p['gold_end']:+.3f} | {p['kl_end']:.1f} | {lead} | {fired} | "
+            f"{p['seconds']:.0f} | {step_s} |"
         )
     return "\n".join(lines)
+
+
+def alarm_table(result: dict) -> str:
+    """Markdown: every setting of every method with an ensemble: the steps of the gold peak and
+    of the disagreement alarm per seed ("-": never fired), the mean lead and in how many runs it
+    fired. The settings whose gold holds to the end (the penalised runs) show its false alarms.
+    Empty when no run had an ensemble."""
+    lines = [
+        "| method | setting | gold at its peak | gold at the end | gold peak at step | alarm at step | lead (steps) | alarm fired |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in result["methods"].items():
+        for setting, s in entry["settings"].items():
+            alarm = s.get("alarm")
+            if alarm is None:
+                continue
+            relative = [g - s["gold"][0] for g in s["gold"]]
+            peaks = ", ".join(str(x) for x in alarm["gold_peak_steps"])
+            steps = ", ".join("-" if x is None else str(x) for x in alarm["alarm_steps"])
+            lead, fired = alarm_cells(alarm)
+            lines.append(
+                f"| {entry_label(name, entry)} | {entry['knob']} {setting} | {max(relative):+.3f} "
+                f"| {relative[-1]:+.3f} | {peaks} | {steps} | {lead} | {fired} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""

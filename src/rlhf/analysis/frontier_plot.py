@@ -1,5 +1,8 @@
 """The figure of `rlhf sweep`: one panel per method, and every method's best setting together.
 
+A method with a defence (`rlhf sweep --defences`, such as `gae-min`) is a method of its own here:
+its own panel and its own curve on the summary panel, in the defence's colour.
+
 Each curve is a mean over seeds, with a band of one standard deviation over seeds; the x axis is
 d = sqrt(KL(pi || pi_ref)) and the scores are relative to the reference policy's. Gold is solid,
 the proxy (the reward model's score, in its own units) dotted; the fitted functional form of Gao
@@ -15,6 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..data import atomic_write
+from .defences import DEFENCE_COLORS, DEFENCE_LABELS
 from .sweep import fit_terms
 
 LABELS = {
@@ -35,6 +39,20 @@ METHOD_COLORS = {
     "dpo": "#8c564b",
     "best_of_n": "#222222",
 }
+
+
+def entry_label(name: str, entry: dict) -> str:
+    """A sweep.json method's label: the method's, plus its defence's when it has one."""
+    method, defence = entry.get("method", name), entry.get("defence", "none")
+    label = LABELS[method]
+    return label if defence == "none" else f"{label} + {DEFENCE_LABELS[defence]}"
+
+
+def entry_color(name: str, entry: dict) -> str:
+    defence = entry.get("defence", "none")
+    return (
+        METHOD_COLORS[entry.get("method", name)] if defence == "none" else DEFENCE_COLORS[defence]
+    )
 
 
 def _shades(color: str, n: int) -> list[tuple[float, float, float]]:
@@ -86,30 +104,30 @@ def plot_methods(result: dict, path: str | Path) -> None:
     fig = Figure(figsize=(4.2 * cols, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     summary_ax = axes[0]
-    for ax, (method, entry) in zip(axes[1:], methods.items()):
+    for ax, (key, entry) in zip(axes[1:], methods.items()):
+        method = entry.get("method", key)
+        color_of, label_of = entry_color(key, entry), entry_label(key, entry)
         settings = list(entry["settings"].values())
         d_max = 0.0
-        for color, (name, s) in zip(
-            _shades(METHOD_COLORS[method], len(settings)), entry["settings"].items()
-        ):
+        for color, (name, s) in zip(_shades(color_of, len(settings)), entry["settings"].items()):
             label = (
                 f"n ≤ {name or s['n'][-1]}" if method == "best_of_n" else f"{entry['knob']} {name}"
             )
             d_max = max(d_max, _curve(ax, s, color, label))
         _fit_line(ax, entry["fit"], d_max, bon=method == "best_of_n")
-        ax.set_title(LABELS[method], fontsize=11, fontweight="bold")
+        ax.set_title(label_of, fontsize=11, fontweight="bold")
         best = entry["peak"]
         if method != "best_of_n":  # the best setting's curve, on the summary panel
             s = entry["settings"][best["setting"]]
             _curve(
                 summary_ax,
                 s,
-                METHOD_COLORS[method],
-                f"{LABELS[method]} ({entry['knob']} {best['setting']})",
+                color_of,
+                f"{label_of} ({entry['knob']} {best['setting']})",
                 proxy=False,
             )
         else:
-            _curve(summary_ax, settings[0], METHOD_COLORS[method], LABELS[method], proxy=False)
+            _curve(summary_ax, settings[0], color_of, label_of, proxy=False)
     summary_ax.set_title("Each method at its best setting (gold)", fontsize=11, fontweight="bold")
     for ax in axes[:n]:
         ax.axhline(0, color="gray", lw=0.7)

@@ -11,6 +11,8 @@ from ..rl.config import GROUP_ESTIMATORS
 
 RL_METHODS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")
 METHODS = (*RL_METHODS, "dpo", "best_of_n")
+DEFENCES = ("none", "mean", "min", "uwo", "shaping")
+ENSEMBLE_DEFENCES = ("mean", "min", "uwo")
 
 
 @dataclass
@@ -26,6 +28,8 @@ class SweepPlan:
     samples_per_prompt: int = 4
     bon_prompts: int = 64
     bon_n_max: int = 64
+    defences: list[str] = field(default_factory=lambda: ["none"])
+    uncertainty_coef: float = 1.0
 
 
 @dataclass
@@ -38,6 +42,10 @@ class SweepConfig:
     """comma-separated KL coefficients of the RL methods"""
     dpo_betas: str = "0.03,0.1,0.3"
     """comma-separated DPO betas"""
+    defences: str = "none"
+    """comma-separated defences against over-optimisation, each a variation of every RL run: none (the single reward model), mean, min or uwo (the built-in ensemble of 4 reward models, combined by that --reward-ensemble rule), shaping (--reward-shaping par)"""
+    uncertainty_coef: float = 1.0
+    """lambda of the uwo defence. Each member's scores are normalised to mean 0 and std 1 on the base model's samples, so the variance penalty is in those units squared: 1 costs little where the members agree (a std of 0.3 between them costs 0.09) and one std of reward where they disagree by one std"""
     seeds: int = 1
     """seeds per setting: --seed, --seed + 1, ..."""
     steps: int = 60
@@ -66,6 +74,17 @@ class SweepConfig:
                 f"--algos: unknown method {unknown[0] if unknown else self.algos!r}; choose from "
                 f"{','.join(METHODS)}"
             )
+        defences = [d.strip() for d in self.defences.split(",") if d.strip()]
+        unknown = [d for d in defences if d not in DEFENCES]
+        if unknown or not defences or len(set(defences)) < len(defences):
+            problem = f"unknown defence {unknown[0]!r}" if unknown else f"got {self.defences!r}"
+            raise ConfigError(
+                f"--defences: {problem}; give one or more, each once, of {','.join(DEFENCES)}"
+            )
+        if not (math.isfinite(self.uncertainty_coef) and self.uncertainty_coef >= 0):
+            raise ConfigError(
+                f"--uncertainty-coef must be a finite number >= 0, got {self.uncertainty_coef}"
+            )
         for name in ("steps", "seeds", "sequences"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -79,6 +98,7 @@ class SweepConfig:
             methods=methods, kl_coefs=_numbers(self.kl_coefs, "--kl-coefs"),
             dpo_betas=_numbers(self.dpo_betas, "--dpo-betas"), seeds=self.seeds, steps=self.steps,
             sequences=self.sequences, samples_per_prompt=self.samples_per_prompt,
+            defences=defences, uncertainty_coef=self.uncertainty_coef,
         )  # fmt: skip
 
 

@@ -124,6 +124,9 @@ class RewardEnsemble(nn.Module):
         self.last_member_scores: torch.Tensor | None = None
         self._sums: torch.Tensor | None = None  # (N + 2,): std, range, each member; then rows
         self._rows = 0
+        # Off while scoring rows that are not the policy's (PAR's reference responses), so the
+        # disagreement logged, and watched by the alarm, is on the policy's samples only.
+        self.recording = True
 
     @classmethod
     def from_base(
@@ -166,7 +169,7 @@ class RewardEnsemble(nn.Module):
     ) -> torch.Tensor:
         """The combined normalised reward, shape (B,)."""
         scores = self.member_scores(input_ids, attention_mask)  # (N, B)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and self.recording:
             self._record(scores)
         return self.combine(scores)
 

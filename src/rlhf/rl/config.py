@@ -81,7 +81,13 @@ class PPOConfig:
     whiten_rewards: bool = False
     """whiten per-token rewards before GAE (off by default, ppo-details 16)"""
     missing_eos_penalty: float | None = None
-    """replace the score of responses that never emit EOS with this value (lm-human-preferences used -1)"""
+    """replace the score of responses that never emit EOS with this value (lm-human-preferences used -1); with --reward-shaping it replaces the shaped score, so give it on that scale (par: in (0, 1), e.g. 0)"""
+    reward_shaping: Literal["none", "clip", "par"] = "none"
+    """bound the sequence reward (the weighted sum of the reward terms) before PPO sees it: clip clamps it to [-C, C] (--reward-clip); par (Preference As Reward, Fu et al. 2025) replaces it by the mean over --par-samples reference responses of sigmoid(r - r_ref), in (0, 1) and 0.5 for a response as good as the reference's (each step then also samples and scores --par-samples reference responses per sequence)"""
+    reward_clip: float = 3.0
+    """C of --reward-shaping clip; the built-in reward model scores reference samples with mean 0 and std 1, so C counts those standard deviations"""
+    par_samples: int = 1
+    """M of --reward-shaping par: reference responses sampled for each row, each step, from the frozen reference model (the paper found one enough)"""
     micro_batch_size: int = 0
     """sequences per forward and backward pass inside a minibatch, the gradients accumulated (0: the whole minibatch); the update does not depend on it"""
     rollout_batch_size: int = 0
@@ -145,6 +151,7 @@ class PPOConfig:
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )
         self._validate_estimator()
+        self._validate_shaping()
         if self.rollout_rows % self.minibatch_size:
             rows = (
                 f"--batch-size {self.batch_size}"
@@ -208,6 +215,20 @@ class PPOConfig:
                 "samples from the policy has expectation zero, so the term adds only noise; use "
                 "--kl-estimator k3 (or k2)"
             )
+
+    def _validate_shaping(self) -> None:
+        choices = typing.get_args(typing.get_type_hints(PPOConfig)["reward_shaping"])
+        if self.reward_shaping not in choices:
+            raise ConfigError(
+                f"--reward-shaping must be one of {', '.join(choices)}, got {self.reward_shaping!r}"
+            )
+        if not (math.isfinite(self.reward_clip) and self.reward_clip > 0):
+            raise ConfigError(
+                f"--reward-clip must be a positive number (the bound C of [-C, C]), got "
+                f"{self.reward_clip}"
+            )
+        if self.par_samples <= 0:
+            raise ConfigError(f"--par-samples must be positive, got {self.par_samples}")
 
     def _validate_estimator(self) -> None:
         if self.advantage_estimator in GROUP_ESTIMATORS:
@@ -327,10 +348,22 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
     """times a failed request to the reward server is retried (waiting 1, 2, 4, ... s) before the run checkpoints and stops"""
     reward_batch_size: int = 64
     """rows per request to the reward server"""
-    reward_ensemble: Literal["mean", "min", "uwo"] = "mean"
-    """how the members of an ensemble reward model (`rlhf train-reward --ensemble N`) are combined (Coste et al. 2023): mean, min (the worst case), or uwo (uncertainty-weighted: the mean minus --uncertainty-coef times the members' variance)"""
+    reward_ensemble: Literal["auto", "mean", "min", "uwo"] = "auto"
+    """how the members of an ensemble reward model (`rlhf train-reward --ensemble N`) are combined (Coste et al. 2023): mean, min (the worst case), or uwo (uncertainty-weighted: the mean minus --uncertainty-coef times the members' variance); auto: mean for an ensemble, the single model otherwise. Given without --reward-model on the built-in task, the built-in ensemble of --ensemble-members"""
+    ensemble_members: int = 4
+    """members of the built-in ensemble reward model that --reward-ensemble mean, min or uwo uses without --reward-model (trained on first use and cached, like the built-in single model; each member is a LoRA adapter on one shared base)"""
     uncertainty_coef: float = 0.0
     """lambda of --reward-ensemble uwo: how much the members' variance (population, over members) is subtracted from their mean"""
+
+    @staticmethod
+    def saved_options(saved: dict) -> dict:
+        """A config.json of an earlier version, in today's terms (for `tracking.option_changes`).
+
+        Before "auto" and --ensemble-members, --reward-ensemble defaulted to mean, which did what
+        auto does now (mean for an ensemble, the single model otherwise, the built-in one too)."""
+        if "ensemble_members" not in saved and saved.get("reward_ensemble") == "mean":
+            saved = {**saved, "reward_ensemble": "auto"}
+        return saved
 
     def validate(self) -> None:
         super().validate()
@@ -348,9 +381,13 @@ class PPORunConfig(PPOConfig, LoraArgs, TrackingArgs):
                 f"at least 0, got {self.reward_timeout}, {self.reward_batch_size} and "
                 f"{self.reward_retries}"
             )
-        if self.reward_ensemble not in ("mean", "min", "uwo"):
+        if self.reward_ensemble not in ("auto", "mean", "min", "uwo"):
             raise ConfigError(
-                f"--reward-ensemble must be one of mean, min, uwo, got {self.reward_ensemble!r}"
+                f"--reward-ensemble must be one of auto, mean, min, uwo, got {self.reward_ensemble!r}"
+            )
+        if self.ensemble_members < 2:
+            raise ConfigError(
+                f"--ensemble-members must be at least 2 (an ensemble), got {self.ensemble_members}"
             )
         if not (math.isfinite(self.uncertainty_coef) and self.uncertainty_coef >= 0):
             raise ConfigError(

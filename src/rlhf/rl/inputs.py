@@ -240,7 +240,9 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
     if cfg.reward_model:
         rm_dir = reward_model_folder(cfg.reward_model)
     else:
-        rm_dir = default_reward_model_dir(cfg.cache_dir, progress=progress) / "reward_model"
+        reward_cfg = builtin_reward_config(cfg)
+        rm_dir = default_reward_model_dir(cfg.cache_dir, reward_cfg=reward_cfg, progress=progress)
+        rm_dir = rm_dir / "reward_model"
     # A LoRA reward model trained on the policy's own base joins the policy as a second adapter.
     rm_base = adapter_base(rm_dir)
     share = cfg.lora_r and rm_base is not None and rm_base.resolve() == policy_dir.resolve()
@@ -250,8 +252,9 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
             "model shares the policy's base; use the default --value-model shared"
         )
     if is_ensemble_dir(rm_dir):  # its own base, held once for all its members
+        rule = "mean" if cfg.reward_ensemble == "auto" else cfg.reward_ensemble
         reward_model = RewardEnsemble.from_pretrained(
-            rm_dir, trust_remote_code=code, rule=cfg.reward_ensemble,
+            rm_dir, trust_remote_code=code, rule=rule,
             uncertainty_coef=cfg.uncertainty_coef,
         )  # fmt: skip
     else:
@@ -266,12 +269,25 @@ def load_run(cfg: PPORunConfig, progress: bool = True) -> RunInputs:
     )
 
 
+def builtin_reward_config(cfg: PPORunConfig):
+    """The `RewardConfig` of the built-in reward model that a run without --reward-model scores
+    with: the single model, or for --reward-ensemble mean, min or uwo an ensemble of
+    --ensemble-members (`default_reward_model_dir` trains and caches each under its own key)."""
+    from ..reward.config import RewardConfig
+
+    return RewardConfig(ensemble=1 if cfg.reward_ensemble == "auto" else cfg.ensemble_members)
+
+
 def check_ensemble_options(cfg: PPORunConfig, use_model: bool) -> None:
-    """--reward-ensemble and --uncertainty-coef need an ensemble reward model; an ensemble needs
-    the default --value-model and no --shard (one line each, before any model loads)."""
-    ensemble = bool(cfg.reward_model) and is_ensemble_dir(reward_model_folder(cfg.reward_model))
-    if not ensemble and (cfg.reward_ensemble != "mean" or cfg.uncertainty_coef):
-        given = f"--reward-ensemble {cfg.reward_ensemble}" if cfg.reward_ensemble != "mean" else ""
+    """--reward-ensemble and --uncertainty-coef need an ensemble reward model (a given one, or the
+    built-in task's, which is one when a rule is given); an ensemble needs the default
+    --value-model and no --shard (one line each, before any model loads)."""
+    if cfg.reward_model:
+        ensemble = is_ensemble_dir(reward_model_folder(cfg.reward_model))
+    else:  # the built-in reviews reward model, when nothing else scores
+        ensemble = use_model and cfg.task == "reviews" and cfg.reward_ensemble != "auto"
+    if not ensemble and (cfg.reward_ensemble != "auto" or cfg.uncertainty_coef):
+        given = f"--reward-ensemble {cfg.reward_ensemble}" if cfg.reward_ensemble != "auto" else ""
         given = given or f"--uncertainty-coef {cfg.uncertainty_coef}"
         which = (
             f"the reward model in {cfg.reward_model} is a single model"

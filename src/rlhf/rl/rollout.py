@@ -26,7 +26,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, R)
     ref_logprobs: torch.Tensor  # (B, R)
     values: torch.Tensor  # (B, R), zeros without a critic
-    scores: torch.Tensor  # (B,) reward-model score (after any missing-EOS penalty)
+    scores: torch.Tensor  # (B,) the reward PPO optimises (shaped, then any missing-EOS penalty)
     kl: torch.Tensor  # (B, R) per-token KL estimate, 0 after EOS
     prompts: list[str]
     texts: list[str]
@@ -36,6 +36,8 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, R)
     timings: dict[str, float] = field(default_factory=dict)
     reward_terms: torch.Tensor | None = None  # (B, T) each reward term's value, NaN where none
+    unshaped_scores: torch.Tensor | None = None  # (B,) the reward before --reward-shaping, if on
+    ref_scores: torch.Tensor | None = None  # (B, M) rewards of par's reference responses
 
     @property
     def P(self) -> int:
@@ -65,7 +67,8 @@ def repad(b: Rollout, P: int, R: int, pad_token_id: int) -> Rollout:
     return Rollout(
         ids, mask, per_token["response_mask"], per_token["logprobs"], per_token["ref_logprobs"],
         per_token["values"], b.scores, per_token["kl"], b.prompts, b.texts, b.ended,
-        timings=dict(b.timings), reward_terms=b.reward_terms,
+        timings=dict(b.timings), reward_terms=b.reward_terms, unshaped_scores=b.unshaped_scores,
+        ref_scores=b.ref_scores,
     )  # fmt: skip
 
 

@@ -233,7 +233,7 @@ def train_ppo(
             )
             extra = {
                 "stream": stream_state or stream.state_dict(),
-                "detector": dict(vars(detector)),
+                "detector": detector.state_dict(),
                 "metrics": rows,
             }
             return save_checkpoint(out, done, trainer, extra, keep=cfg.keep_checkpoints)
@@ -320,6 +320,7 @@ def train_ppo(
         "final": metrics,
         "hacking_step": detector.step,
         "hacking_warning": detector.message,
+        "hacking_signals": dict(detector.fired),  # the first step of each signal
     }
     if main:
         atomic_write_json(out / "summary.json", summary)
@@ -414,7 +415,7 @@ def _resume(out: Path, trainer: PPOTrainer, stream: PromptStream, detector: Hack
         )
     state = load_checkpoint(found[-1], trainer)
     stream.load_state_dict(state["stream"])
-    vars(detector).update(state["detector"])
+    detector.load_state_dict(state["detector"])
     step = int(state["step"])
     if not trainer.world.is_main:  # rank 0 trims the logs
         return step

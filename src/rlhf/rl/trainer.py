@@ -38,6 +38,7 @@ from ..models.forward import (
     disable_dropout,
     float32_lm_head,
     position_ids_from_mask,
+    shared_prompt_logits,
     swap_slow_gelu,
 )
 from ..models.generation import decode_responses, encode_prompts, sample_responses
@@ -45,6 +46,7 @@ from ..models.lora import is_peft
 from ..models.policy import PolicyWithValueHead, ValueModel
 from ..models.reward_ensemble import RewardEnsemble
 from ..models.reward_model import RewardModel
+from ..reward.shaping import clip_rewards, par_rewards
 from ..reward.sources import RewardError, Rewards, RewardTerm, ScoreBatch
 from .advantages import compute_advantages
 from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
@@ -176,6 +178,9 @@ class PPOTrainer(PPOUpdate):
             self.critic_free and cfg.kl_in == "loss" and cfg.ppo_epochs == 1
             and cfg.minibatch_size == cfg.rollout_rows
         )  # fmt: skip
+        # The k samples of a prompt run its tokens once in the no-value-head forward passes
+        # (`shared_prompt_logits`); not under FSDP, whose blocks would be gathered twice.
+        self.share_prompts = not cfg.shard
         own_head = not self.critic_free and cfg.value_model == "shared"
         self.policy = (
             policy
@@ -305,7 +310,9 @@ class PPOTrainer(PPOUpdate):
         R = ids.shape[1] - P
         with self._autocast():
             # The LM head runs on the last R+1 positions only; the prompt needs no logits.
-            logits, values = self.trained(ids, mask, logits_to_keep=R + 1)  # (B, R+1, V), (B, P+R)
+            logits, values = self.trained(
+                ids, mask, logits_to_keep=R + 1, prompt_length=P if self.share_prompts else None
+            )  # (B, R+1, V), (B, P+R)
         if values is None or self.critic_free:
             return self._scaled(logits[:, :-1]), torch.zeros(ids.shape[0], R, device=ids.device)
         # The logits at position P-1+t predict response token t; the value there is V(s_t).
@@ -323,13 +330,17 @@ class PPOTrainer(PPOUpdate):
         model, context = self._reference()
         kwargs = {"logits_to_keep": R + 1} if accepts_kwarg(model, "logits_to_keep") else {}
         with self._autocast(), context:
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=False,
-                **kwargs,
-            ).logits  # (B, R+1, V), or (B, P+R, V) without logits_to_keep
+            logits = (
+                shared_prompt_logits(model, ids, mask, P, R + 1) if self.share_prompts else None
+            )  # (B, R+1, V): each distinct prompt run once
+            if logits is None:
+                logits = model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask),
+                    use_cache=False,
+                    **kwargs,
+                ).logits  # (B, R+1, V), or (B, P+R, V) without logits_to_keep
         return self._scaled(logits[:, -(R + 1) : -1])  # (B, R, V)
 
     @torch.no_grad()
@@ -351,6 +362,49 @@ class PPOTrainer(PPOUpdate):
                 self.reward_model, query_response[:, :P], attention_mask[:, :P],
                 query_response[:, P:], self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
             )  # fmt: skip
+
+    @torch.no_grad()
+    def _reference_scores(self, prompt_ids, prompt_mask, prompts, columns, uniforms):
+        """PAR's reference rewards (B, M): M responses to each row's prompt, sampled from the
+        frozen reference with the draws `uniforms` (B, M, R), scored by the same `Rewards`.
+
+        Fu et al. 2025 score responses sampled once, before training, from the SFT model; here
+        they are sampled afresh every step (one more generation and scoring of B*M rows), which
+        needs no file of references and has the same expectation over the reference's responses.
+        """
+        cfg, tok = self.config, self.tokenizer
+        B, M, R = uniforms.shape
+        ids = prompt_ids.repeat_interleave(M, 0)  # (B*M, P); sampling prefills each prompt once
+        mask = prompt_mask.repeat_interleave(M, 0)  # (B*M, P)
+        model, adapters_off = self._reference()
+        gathered = (
+            self.world.gathered(model) if cfg.gather_for_sampling else contextlib.nullcontext()
+        )
+        with self._autocast(), adapters_off, gathered:
+            response = sample_responses(
+                model, ids, mask, R, tok.eos_token_id, tok.pad_token_id, cfg.temperature,
+                uniforms=uniforms.reshape(B * M, R), all_done=self.world.all_done,
+            )  # fmt: skip
+        response_mask = response_mask_from_eos(response, tok.eos_token_id)  # (B*M, R)
+        texts, ended = decode_responses(tok, response, tok.eos_token_id)
+        lengths = response_mask.sum(1).long().tolist()
+        query_response = torch.cat([ids, response], 1)  # (B*M, P+R)
+        attention_mask = torch.cat([mask, response_mask.long()], 1)  # (B*M, P+R)
+        batch = ScoreBatch(
+            [p for p in prompts for _ in range(M)], texts, ended,
+            {name: [v for v in vs for _ in range(M)] for name, vs in columns.items()},
+            [row[: n - int(e)].tolist() for row, n, e in zip(response, lengths, ended)],
+            tokens=(query_response, attention_mask, ids.shape[1]),
+        )  # fmt: skip
+        ensemble = self.reward_model if isinstance(self.reward_model, RewardEnsemble) else None
+        if ensemble is not None:  # its disagreement is logged on the policy's samples only
+            ensemble.recording = False
+        try:
+            totals, _ = self.rewards.score(batch)
+        finally:
+            if ensemble is not None:
+                ensemble.recording = True
+        return torch.tensor(totals, dtype=torch.float32, device=self.device).view(B, M)  # (B, M)
 
     # ----- phases 1-4: rollout, gather, rewards and advantages ------------------------------
     @torch.no_grad()
@@ -374,8 +428,22 @@ class PPOTrainer(PPOUpdate):
         uniforms = torch.rand(
             (B, cfg.response_tokens), generator=self.generator, dtype=torch.float64
         )  # (B, R)
+        # PAR's reference responses: M for each row, not each prompt, so that they too depend on
+        # the row's global index alone (per prompt would sample k times fewer with
+        # --samples-per-prompt k); each step one more generation and scoring of B*M rows, counted
+        # in time/score_s. Drawn after the policy's and only with par on: other runs keep their
+        # random stream.
+        ref_uniforms = (
+            torch.rand(
+                (B, cfg.par_samples, cfg.response_tokens),
+                generator=self.generator,
+                dtype=torch.float64,
+            )
+            if cfg.reward_shaping == "par"
+            else torch.empty((B, 0, cfg.response_tokens), dtype=torch.float64)  # none
+        )  # (B, M, R)
         mine = world.shard(B)
-        local, local_u = prompts[mine], uniforms[mine]
+        local, local_u, local_ref_u = prompts[mine], uniforms[mine], ref_uniforms[mine]
         local_columns = {name: vs[mine] for name, vs in columns.items()}
         chunk = cfg.rollout_batch_size or len(local)
         pieces = [
@@ -383,6 +451,7 @@ class PPOTrainer(PPOUpdate):
                 local[s : s + chunk],
                 local_u[s : s + chunk],
                 {name: vs[s : s + chunk] for name, vs in local_columns.items()},
+                local_ref_u[s : s + chunk],
             )  # fmt: skip
             for s in range(0, len(local), chunk)
         ]
@@ -391,7 +460,11 @@ class PPOTrainer(PPOUpdate):
         return b
 
     def _rollout_chunk(
-        self, prompts: list[str], uniforms: torch.Tensor, columns: dict[str, list]
+        self,
+        prompts: list[str],
+        uniforms: torch.Tensor,
+        columns: dict[str, list],
+        ref_uniforms: torch.Tensor | None = None,
     ) -> Rollout:
         cfg, tok = self.config, self.tokenizer
         timings = {}
@@ -454,6 +527,16 @@ class PPOTrainer(PPOUpdate):
         reward_terms = torch.tensor(
             [[nan if v is None else v for v in vs] for vs in terms], dtype=torch.float32
         ).T.to(self.device)  # (B, T); NaN where a term does not apply
+        # --reward-shaping: PPO optimises the shaped score; the unshaped one is kept for the logs.
+        unshaped, ref_scores = scores, None
+        if cfg.reward_shaping == "clip":
+            scores = clip_rewards(scores, cfg.reward_clip)  # (B,)
+        elif cfg.reward_shaping == "par":
+            ref_scores = self._reference_scores(
+                prompt_ids, prompt_mask, prompts, columns, ref_uniforms
+            )
+            scores = par_rewards(scores, ref_scores)  # (B,)
+        # On the shaped scale: the penalty replaces the shaped score.
         if cfg.missing_eos_penalty is not None:  # ppo-details 6
             scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
         timings["time/score_s"] = time.perf_counter() - t0
@@ -461,6 +544,8 @@ class PPOTrainer(PPOUpdate):
             query_response, attention_mask, response_mask, logprobs, ref_logprobs,
             values * response_mask, scores, kl, list(prompts), texts, ended_list,
             timings=timings, reward_terms=reward_terms,
+            unshaped_scores=unshaped if cfg.reward_shaping != "none" else None,
+            ref_scores=ref_scores,
         )  # fmt: skip
 
     # ----- phases 2-4: rewards and advantages on the global batch ---------------------------
@@ -504,6 +589,11 @@ class PPOTrainer(PPOUpdate):
                 "lr": self.scheduler.get_last_lr()[0],
             }
             metrics.update(term_metrics(self.rewards.names, b.reward_terms))
+            # objective/reward is the shaped reward PPO optimises; these are on the reward's scale.
+            if b.unshaped_scores is not None:
+                metrics["reward/unshaped"] = b.unshaped_scores.mean().item()
+            if b.ref_scores is not None:
+                metrics["reward/reference"] = b.ref_scores.mean().item()
             if isinstance(self.reward_model, RewardEnsemble):  # the members' disagreement
                 metrics.update(self.reward_model.pop_metrics())
         if self.gold_judge is not None:

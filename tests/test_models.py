@@ -367,3 +367,37 @@ def test_shared_prompt_forward_declines_where_it_cannot_help(tiny_tokenizer):
     )
     enable()
     assert shared_prompt_logits(lm, ids, mask, P, 3) is None
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+def test_grpo_step_is_the_same_with_shared_prompt_passes(tiny_tokenizer, one_pass):
+    """A GRPO step (4 samples per prompt) with the reference and update passes sharing each
+    prompt's forward pass gives the step and the weights of the whole-row passes."""
+    import copy
+
+    from conftest import PROMPTS, make_eos_biased_lm, make_tiny_lm
+    from rlhf.models.reward_model import RewardModel
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.trainer import PPOTrainer
+
+    policy = make_eos_biased_lm(tiny_tokenizer, "llama", bias=2.0)
+    reward = RewardModel(make_tiny_lm(tiny_tokenizer, "llama", seed=2), tokenizer=tiny_tokenizer)
+    cfg = PPOConfig(
+        batch_size=2, samples_per_prompt=4, minibatch_size=8 if one_pass else 4,
+        ppo_epochs=1 if one_pass else 2, response_tokens=8, lr=1e-3, dtype="float32",
+        advantage_estimator="grpo",
+    )  # fmt: skip
+    runs = {}
+    for shared in (True, False):
+        p = copy.deepcopy(policy)
+        t = PPOTrainer(
+            p, copy.deepcopy(policy), copy.deepcopy(reward), tiny_tokenizer, copy.deepcopy(cfg)
+        )
+        t.share_prompts = shared
+        assert t.one_pass == one_pass
+        runs[shared] = (t.step(PROMPTS[:2]), p)
+    (m_on, p_on), (m_off, p_off) = runs[True], runs[False]
+    for key in ("objective/kl", "loss/policy", "policy/entropy", "policy/approxkl"):
+        assert m_on[key] == pytest.approx(m_off[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(p_on.parameters(), p_off.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -4,7 +4,7 @@ Run from the repository root, in an environment with TRL 1.16 (the `bench` extra
 for bench_ppo.py, which still has PPOTrainer; this benchmark needs the newer trainers):
 
     python -m venv /tmp/trl16 && . /tmp/trl16/bin/activate
-    pip install -c constraints.txt -e . "trl==1.16.0"
+    pip install -c constraints.txt -e ".[bench-trl]"
     python benchmarks/bench_trl_steps.py [--rounds 10] [--sizes 4x192,8x384] [--responses 24,64]
         [--iterations 1,2] [--only grpo,rloo,dr_grpo,dpo] [--json out.json]
 

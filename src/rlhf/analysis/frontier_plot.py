@@ -115,7 +115,9 @@ def plot_methods(result: dict, path: str | Path) -> None:
             )
             d_max = max(d_max, _curve(ax, s, color, label))
         _fit_line(ax, entry["fit"], d_max, bon=method == "best_of_n")
-        ax.set_title(label_of, fontsize=11, fontweight="bold")
+        # A method with a defence ("PPO (GAE, value head) + ensemble min") on two lines: one
+        # would run into the next panel's title.
+        ax.set_title(label_of.replace(" + ", "\n+ "), fontsize=11, fontweight="bold")
         best = entry["peak"]
         if method != "best_of_n":  # the best setting's curve, on the summary panel
             s = entry["settings"][best["setting"]]

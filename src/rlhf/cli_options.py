@@ -85,6 +85,7 @@ PPO_HELP_GROUPS = {
     "KL penalty": "the penalty that keeps the policy near the reference",
     "generation": "how responses are sampled during training",
     "LoRA": "train low-rank adapters instead of every weight",
+    "rollout engine": "what samples the responses (rlhf's loop or vLLM) and how its mismatch with the trainer is corrected",
     "memory and speed": "micro-batches, precision and sharding: what fits in memory, how fast it runs",
     "run": "seed, device, threads, cache and resuming",
 }
@@ -165,6 +166,7 @@ OPTION_GROUP_BY_PREFIX = {
     ("eval_",): ("evaluation",),
     ("kl_", "adaptive_kl", "target_kl"): ("KL penalty",),
     ("lora",): ("LoRA", "PPO", "training"),
+    ("rollout_engine", "rollout_correction", "vllm_"): ("rollout engine",),
     ("micro_batch", "grad_accum", "gradient_accumulation"): ("memory and speed", "PPO", "training"),
 }
 OPTION_GROUP_BY_CLASS = {

@@ -3,6 +3,7 @@
     stats       masked statistics, log-probabilities, entropy, KL estimators, response masks
     advantages  GAE, REINFORCE++ returns, RLOO / GRPO / Dr. GRPO group baselines
     losses      loss aggregation, PPO policy and value losses, Bradley-Terry, DPO / IPO
+    correction  weights for rollouts sampled by another engine (vLLM), and its mismatch
 
 Every name is importable from `rlhf.core` itself. Each function has a test with numbers worked out
 by hand (tests/test_core.py, tests/test_estimators.py).
@@ -15,6 +16,7 @@ from .advantages import (
     reinforce_pp_returns,
     rloo_advantages,
 )
+from .correction import mismatch_metrics, rollout_correction_weights
 from .losses import (
     LOSS_AGGREGATIONS,
     LossAggregation,
@@ -67,11 +69,13 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "mismatch_metrics",
     "policy_loss",
     "policy_loss_per_token",
     "reinforce_pp_returns",
     "response_mask_from_eos",
     "rloo_advantages",
+    "rollout_correction_weights",
     "value_loss",
     "value_loss_per_token",
 ]

@@ -269,8 +269,11 @@ def sample_responses(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     all_done: Callable[[bool], bool] | None = None,
-) -> torch.Tensor:
-    """Sample continuations; returns response ids (B, R), pad after each row's first EOS.
+    return_logprobs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations; returns response ids (B, R), pad after each row's first EOS, and
+    with `return_logprobs` also the log-probability (B, R) of each sampled token under the
+    distribution it was drawn from (after the temperature; 0 after EOS).
 
     `uniforms` (B, max_new_tokens), if given, holds the random draw for each row and position, so a
     row's sample does not depend on which other rows share its batch, how the batch is chunked or
@@ -309,14 +312,18 @@ def sample_responses(
     )  # (B, P+R)
     next_position = mask.sum(-1, keepdim=True)  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
-    tokens = []
+    tokens, logprobs = [], []
     for t in range(max_new_tokens):
         logits = logits.float()  # (B, V)
         if temperature != 1.0:
             logits = logits / temperature
         logits = _filter_logits(logits, top_k, top_p)
         u = uniforms[:, t] if uniforms is not None else None  # (B,)
-        token = _sample(logits.softmax(-1), generator, u)  # (B,)
+        probs = logits.softmax(-1)  # (B, V)
+        token = _sample(probs, generator, u)  # (B,)
+        if return_logprobs:
+            logp = probs.gather(-1, token[:, None]).squeeze(-1).log()  # (B,)
+            logprobs.append(torch.where(done, torch.zeros_like(logp), logp))
         token = torch.where(done, torch.full_like(token, pad_token_id), token)  # (B,)
         tokens.append(token)
         done = done | (token == eos_token_id)
@@ -334,7 +341,8 @@ def sample_responses(
         )
         logits = out.logits[:, -1, :]  # (B, V)
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)  # (B, R)
+    response = torch.stack(tokens, dim=1)  # (B, R)
+    return (response, torch.stack(logprobs, dim=1)) if return_logprobs else response
 
 
 def response_lengths(

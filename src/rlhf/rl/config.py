@@ -15,6 +15,7 @@ from typing import Literal
 from ..errors import ConfigError
 from ..models.lora_args import LoraArgs
 from ..trackers import TrackingArgs
+from .rollout_args import RolloutArgs
 
 KLEstimatorChoice = Literal["auto", "k1", "k2", "k3", "exact"]
 PPO_LR = 3e-5
@@ -31,7 +32,7 @@ METHOD_NAMES = {
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(RolloutArgs):
     """Hyper-parameters of the PPO update (defaults follow lm-human-preferences and TRL)."""
 
     steps: int = 100
@@ -138,6 +139,7 @@ class PPOConfig:
 
     def validate(self) -> None:
         self.resolve()
+        self.validate_rollout()
         for name in (
             "steps",
             "batch_size",

@@ -38,6 +38,7 @@ class Rollout:
     reward_terms: torch.Tensor | None = None  # (B, T) each reward term's value, NaN where none
     unshaped_scores: torch.Tensor | None = None  # (B,) the reward before --reward-shaping, if on
     ref_scores: torch.Tensor | None = None  # (B, M) rewards of par's reference responses
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the rollout engine's, 0 after EOS
 
     @property
     def P(self) -> int:
@@ -69,6 +70,7 @@ def repad(b: Rollout, P: int, R: int, pad_token_id: int) -> Rollout:
         per_token["values"], b.scores, per_token["kl"], b.prompts, b.texts, b.ended,
         timings=dict(b.timings), reward_terms=b.reward_terms, unshaped_scores=b.unshaped_scores,
         ref_scores=b.ref_scores,
+        engine_logprobs=None if b.engine_logprobs is None else F.pad(b.engine_logprobs, (0, grow_r)),
     )  # fmt: skip
 
 

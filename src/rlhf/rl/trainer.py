@@ -26,6 +26,7 @@ from ..core import (
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
+    mismatch_metrics,
     response_mask_from_eos,
 )
 from ..errors import ConfigError
@@ -51,6 +52,7 @@ from ..reward.sources import RewardError, Rewards, RewardTerm, ScoreBatch
 from .advantages import compute_advantages
 from .config import CRITIC_FREE, AdaptiveKLController, FixedKLController, PPOConfig
 from .distributed import TrainedModules, World, check_world
+from .engines import HFEngine
 from .rollout import Rollout, gather, join
 from .update import NonFiniteError, PPOUpdate
 
@@ -287,6 +289,30 @@ class PPOTrainer(PPOUpdate):
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.cpu_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.step_count = 0
+        self.engine = self._make_engine()
+
+    def _make_engine(self):
+        """The rollout engine of --rollout-engine (`engines`): it samples, the trainer scores."""
+        cfg, tok = self.config, self.tokenizer
+        if cfg.rollout_engine == "vllm":
+            from .vllm_engine import VLLMEngine
+
+            return VLLMEngine(
+                self.policy.lm, cfg, tok.eos_token_id, tok.pad_token_id, self.device, self.dtype,
+                self.world.size,
+            )  # fmt: skip
+
+        def context():
+            gathered = self.world.gathered(self.policy.lm) if cfg.gather_for_sampling else None
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._autocast())
+            if gathered is not None:
+                stack.enter_context(gathered)
+            return stack
+
+        return HFEngine(
+            self.policy.lm, cfg, tok.eos_token_id, tok.pad_token_id, context, self.world.all_done
+        )
 
     # ----- forward passes ------------------------------------------------------------------
     def _autocast(self):
@@ -442,6 +468,7 @@ class PPOTrainer(PPOUpdate):
             if cfg.reward_shaping == "par"
             else torch.empty((B, 0, cfg.response_tokens), dtype=torch.float64)  # none
         )  # (B, M, R)
+        self.engine.sync()  # the engine samples from the weights as they are now
         mine = world.shard(B)
         local, local_u, local_ref_u = prompts[mine], uniforms[mine], ref_uniforms[mine]
         local_columns = {name: vs[mine] for name, vs in columns.items()}
@@ -455,6 +482,7 @@ class PPOTrainer(PPOUpdate):
             )  # fmt: skip
             for s in range(0, len(local), chunk)
         ]
+        self.engine.release()
         b = gather(join(pieces, self.tokenizer.pad_token_id), world, self.tokenizer.pad_token_id)
         self.compute_advantages(b)
         return b
@@ -471,17 +499,8 @@ class PPOTrainer(PPOUpdate):
         t0 = time.perf_counter()
         prompt_ids, prompt_mask, _ = encode_prompts(tok, prompts, device=self.device)  # (B, P)
         P = prompt_ids.shape[1]
-        gathered = (
-            self.world.gathered(self.policy.lm)
-            if cfg.gather_for_sampling
-            else contextlib.nullcontext()
-        )
-        with self._autocast(), gathered:
-            response = sample_responses(
-                self.policy.lm, prompt_ids, prompt_mask, cfg.response_tokens, tok.eos_token_id,
-                tok.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p,
-                uniforms=uniforms, all_done=self.world.all_done,
-            )  # fmt: skip
+        samples = self.engine.sample(prompt_ids, prompt_mask, uniforms)
+        response = samples.response  # (B, R)
         response_mask = response_mask_from_eos(response, tok.eos_token_id)  # (B, R)
         lengths = response_mask.sum(1).long()  # (B,)
         ended = (response == tok.eos_token_id).any(1)  # (B,)
@@ -545,7 +564,7 @@ class PPOTrainer(PPOUpdate):
             values * response_mask, scores, kl, list(prompts), texts, ended_list,
             timings=timings, reward_terms=reward_terms,
             unshaped_scores=unshaped if cfg.reward_shaping != "none" else None,
-            ref_scores=ref_scores,
+            ref_scores=ref_scores, engine_logprobs=samples.logprobs * response_mask,
         )  # fmt: skip
 
     # ----- phases 2-4: rewards and advantages on the global batch ---------------------------
@@ -559,6 +578,7 @@ class PPOTrainer(PPOUpdate):
         `columns` are the prompt records' other fields, one value per prompt, for reward functions."""
         from ..text_stats import distinct_n, mean_repetition
 
+        cfg = self.config
         start = time.perf_counter()
         beta = self.kl_ctl.value
         try:
@@ -596,6 +616,13 @@ class PPOTrainer(PPOUpdate):
                 metrics["reward/reference"] = b.ref_scores.mean().item()
             if isinstance(self.reward_model, RewardEnsemble):  # the members' disagreement
                 metrics.update(self.reward_model.pop_metrics())
+            if b.engine_logprobs is not None:  # how far the sampler is from the trainer
+                metrics.update(
+                    mismatch_metrics(
+                        b.logprobs, b.engine_logprobs, b.response_mask, cfg.correction,
+                        cfg.rollout_correction_cap,
+                    )
+                )  # fmt: skip
         if self.gold_judge is not None:
             gold = self.gold_judge.score_batch(b.prompts, b.texts, b.ended)
             metrics["objective/gold"] = sum(gold) / len(gold)

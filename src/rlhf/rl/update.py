@@ -16,6 +16,7 @@ from ..core import (
     kl_estimate,
     loss_token_weights,
     policy_loss_per_token,
+    rollout_correction_weights,
     value_loss_per_token,
 )
 from ..errors import RLHFError
@@ -139,6 +140,13 @@ class PPOUpdate:
         pg, clipped, log_ratio = policy_loss_per_token(
             logprobs, old, b.advantages[idx, :R], mask, cfg.clip_eps
         )  # (m, R) x3
+        if cfg.correction != "none" and b.engine_logprobs is not None:
+            # The samples came from the rollout engine's q, not the trainer's p: reweight the
+            # policy gradient toward p (`core.correction`); the KL and value terms are left as
+            # they are, as in TRL's GRPO.
+            pg = pg * rollout_correction_weights(
+                old, b.engine_logprobs[idx, :R], mask, cfg.correction, cfg.rollout_correction_cap
+            )  # (m, R)
         vf, vf_clipped = value_loss_per_token(
             values, b.values[idx, :R], b.returns[idx, :R], mask, cfg.value_clip_eps
         )  # (m, R) x2

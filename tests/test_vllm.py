@@ -195,15 +195,24 @@ def _ppo_args(root, out, *extra):
     ]  # fmt: skip
 
 
-def test_two_processes_equal_one(tiny_tokenizer, tmp_path):
-    """Under torchrun each process runs its own engine on its own rows; the metrics are the
-    one-process run's (as the HF engine's are, tests/test_distributed.py)."""
+@pytest.fixture(scope="module")
+def one_process_run(tiny_tokenizer, tmp_path_factory):
     from rlhf.cli import main
+
+    root = _inputs(tmp_path_factory.mktemp("vllm-inputs"), tiny_tokenizer, make_lm(tiny_tokenizer))
+    assert main(_ppo_args(root, root / "one", "--sample-every", "1")) == 0
+    return root
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one(one_process_run, tmp_path, shard):
+    """Under torchrun each process runs its own engine on its own rows; the metrics are the
+    one-process run's (as the HF engine's are, tests/test_distributed.py). With --shard each
+    weight is all-gathered from the FSDP2 shards to be pushed."""
     from test_distributed import assert_same_metrics, launch, metrics, torchrun
 
-    root = _inputs(tmp_path, tiny_tokenizer, make_lm(tiny_tokenizer))
-    extra = ("--sample-every", "1")
-    assert main(_ppo_args(root, tmp_path / "one", *extra)) == 0
+    root = one_process_run
+    extra = ("--sample-every", "1", *(("--shard",) if shard else ()))
     [(code, log)] = launch(
         torchrun("--standalone", "--nproc-per-node", "2")
         + _ppo_args(root, tmp_path / "two", *extra)
@@ -213,13 +222,11 @@ def test_two_processes_equal_one(tiny_tokenizer, tmp_path):
     # The samples are the same to the token; the statistics to 1e-3, not the HF test's 1e-4:
     # these updates clip gradient norms of 15-40, which magnify the reduction order's rounding.
     def samples(run):
-        rows = [json.loads(x) for x in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
         return [(r["step"], r["prompt"], r["response"], r["ended"]) for r in rows]
 
-    assert samples("two") == samples("one") and len(samples("one")) >= 6
-    assert_same_metrics(
-        metrics(tmp_path / "two"), metrics(tmp_path / "one"), steps=3, tolerance=1e-3
-    )
+    assert samples(tmp_path / "two") == samples(root / "one") and len(samples(root / "one")) >= 6
+    assert_same_metrics(metrics(tmp_path / "two"), metrics(root / "one"), steps=3, tolerance=1e-3)
 
 
 def test_an_architecture_vllm_cannot_run_is_one_line_and_exit_2(tiny_tokenizer, tmp_path):

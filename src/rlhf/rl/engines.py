@@ -55,6 +55,9 @@ class HFEngine:
     def release(self) -> None:
         pass
 
+    def shutdown(self) -> None:
+        pass
+
     @torch.no_grad()
     def sample(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor

@@ -468,7 +468,9 @@ class PPOTrainer(PPOUpdate):
             if cfg.reward_shaping == "par"
             else torch.empty((B, 0, cfg.response_tokens), dtype=torch.float64)  # none
         )  # (B, M, R)
+        t0 = time.perf_counter()
         self.engine.sync()  # the engine samples from the weights as they are now
+        sync_s = time.perf_counter() - t0
         mine = world.shard(B)
         local, local_u, local_ref_u = prompts[mine], uniforms[mine], ref_uniforms[mine]
         local_columns = {name: vs[mine] for name, vs in columns.items()}
@@ -482,8 +484,11 @@ class PPOTrainer(PPOUpdate):
             )  # fmt: skip
             for s in range(0, len(local), chunk)
         ]
+        t0 = time.perf_counter()
         self.engine.release()
+        sync_s += time.perf_counter() - t0
         b = gather(join(pieces, self.tokenizer.pad_token_id), world, self.tokenizer.pad_token_id)
+        b.timings["time/engine_sync_s"] = sync_s  # pushing the weights, waking and sleeping
         self.compute_advantages(b)
         return b
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import shutil
 import tempfile
@@ -59,6 +60,15 @@ def _base_model(lm: nn.Module) -> nn.Module:
     from ..models.lora import is_peft
 
     return lm.get_base_model() if is_peft(lm) else lm
+
+
+def _architecture(model: nn.Module) -> str:
+    """The model's transformers class name; FSDP2's `fully_shard` swaps in a subclass named
+    FSDP<Name> made in torch.distributed, which vLLM does not know."""
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("torch.distributed"):
+            return cls.__name__
+    return type(model).__name__
 
 
 def _lora_merged(base: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,7 +134,7 @@ class VLLMEngine:
         self.sleep_level = config.vllm_sleep_level if self.cuda else 0
         self.asleep = False
         base = _base_model(lm)
-        arch = type(base).__name__
+        arch = _architecture(base)
         if arch not in vllm.ModelRegistry.get_supported_archs():
             raise ConfigError(
                 f"--rollout-engine vllm: vLLM {vllm.__version__} has no implementation of {arch}, "
@@ -181,6 +191,9 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
             torch.set_default_dtype(default_dtype)
         self.SamplingParams, self.TokensPrompt = vllm.SamplingParams, vllm.TokensPrompt
+        # vLLM refuses a stop token outside the vocabulary; the model cannot emit one anyway.
+        vocab = base.get_output_embeddings().weight.shape[0]
+        self.stop_token_ids = [eos_token_id] if 0 <= eos_token_id < vocab else []
 
     # ----- the engine interface -----------------------------------------------------------
     @torch.no_grad()
@@ -219,7 +232,7 @@ class VLLMEngine:
                 top_p=1.0,
                 top_k=0,
                 max_tokens=R,
-                stop_token_ids=[self.eos_token_id],
+                stop_token_ids=self.stop_token_ids,
                 logprobs=0,
                 seed=seed,
                 detokenize=False,
@@ -250,6 +263,18 @@ class VLLMEngine:
             [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:])]
             for out, seq in zip(outputs, sequences)
         ]
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its memory (its KV cache, its copy of the weights) now rather
+        than when the process ends: for a program that builds engines one after another."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.close()
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -124,14 +124,16 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "p10": q[0], "p90": q[-1], "n": len(xs)}
 
 
-def sampled_tokens(response: torch.Tensor, eos: int, pad: int, engine: str) -> int:
-    """The positions the engine sampled: every row up to its EOS for vLLM; for the HF loop every
-    row for as many steps as the loop ran (it stops only when all rows are done)."""
+def sampled_tokens(response: torch.Tensor, eos: int, engine: str) -> int:
+    """The positions the engine sampled: each row up to and including its EOS for vLLM (which
+    stops rows one by one); for the HF loop every row for as many steps as the loop ran (it stops
+    only when all rows are done)."""
+    B, R = response.shape
     if engine == "hf":
-        return response.shape[0] * response.shape[1]
-    ended = response == eos
-    real = (response != pad) | ended
-    return int(real.sum())
+        return B * R
+    ended = response == eos  # (B, R)
+    first = torch.where(ended.any(1), ended.float().argmax(1) + 1, R)  # (B,)
+    return int(first.sum())
 
 
 def free(trainer: PPOTrainer | None) -> None:
@@ -173,9 +175,7 @@ def point(shape: str, B: int, R: int, tok, args) -> dict:
                 t = timing[e]
                 t["sync_s"].append(synced - start)
                 t["sample_s"].append(done - synced)
-                t["tokens"].append(
-                    sampled_tokens(samples.response, tok.eos_token_id, tok.pad_token_id, e)
-                )
+                t["tokens"].append(sampled_tokens(samples.response, tok.eos_token_id, e))
     for rep in range(args.steps + 1):
         order = args.engines if rep % 2 == 0 else args.engines[::-1]
         for e in order:

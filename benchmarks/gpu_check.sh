@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call: bf16's step-0 KL and trained dtypes, the test suite with CUDA visible, `rlhf demo`, a LoRA PPO run in
-# bf16, one process under torchrun with NCCL (DDP and --shard), DPO with LoRA, and the memory/time
+# bf16, one process under torchrun with NCCL (DDP and --shard), DPO with LoRA, the vLLM rollout engine
+# against the HF loop (skipped without vllm), and the memory/time
 # benchmark at GPT-2-124M size on the GPU (SKIP_BENCH=1 leaves it out). Run from the repository root on a CUDA machine; results go to $OUT (default
 # /tmp/gpu-check). Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first.
 set -uo pipefail
@@ -53,6 +54,16 @@ python3 -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretr
 step "tests with CUDA visible"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
 tail -3 "$OUT/tests.txt" >> "$OUT/summary.txt"
+
+step "vLLM rollout engine (issue 19): PPO on the built-in task, then bench_rollout at Qwen2-0.5B x 256 prompts x 512 tokens, bf16"
+if python3 -c "import vllm" 2>/dev/null; then
+    timeout 240 python3 -m rlhf ppo --rollout-engine vllm --steps 20 --out /tmp/ppo-vllm 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -4 | tee -a "$OUT/summary.txt"
+    python3 -c "import json; r=[json.loads(l) for l in open('/tmp/ppo-vllm/metrics.jsonl')]; print('vllm bf16 mismatch: |dlogp| max', max(x['rollout/logprob_diff_max'] for x in r), 'seq ratio p05', min(x['rollout/seq_ratio_p05'] for x in r), 'p95', max(x['rollout/seq_ratio_p95'] for x in r))" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+    timeout "${ROLLOUT_TIMEOUT:-420}" python3 benchmarks/bench_rollout.py --shapes qwen2-0.5b --prompts 256 --response 512 \
+        --repeats 2 --steps 2 --json "$OUT/bench_rollout.json" 2>&1 | tee "$OUT/bench_rollout.txt" | grep "qwen2" | tee -a "$OUT/summary.txt"
+else
+    echo "SKIP: vllm is not installed here (pip install 'rlhf[vllm]', or put its wheels in .whl/)" | tee -a "$OUT/summary.txt"
+fi
 
 [ -n "${SKIP_BENCH:-}" ] && { step "done"; exit 0; }
 step "memory and time at GPT-2-124M on the GPU"

@@ -80,8 +80,8 @@ SMALL = dict(
 )  # fmt: skip
 
 
-def _trainer(tok, arch="gpt2", lora=False, **config) -> PPOTrainer:
-    policy = make_lm(tok, arch)
+def _trainer(tok, arch="gpt2", lora=False, eos_bias=4.0, **config) -> PPOTrainer:
+    policy = make_lm(tok, arch, eos_bias=eos_bias)
     ref = copy.deepcopy(policy)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -118,6 +118,23 @@ def test_engine_logprobs_match_the_trainers_at_every_step(tiny_tokenizer, arch, 
         if step == 0 and arch == "gpt2":  # rows of different lengths (`make_lm`)
             assert len(set(trainer.last_rollout.response_mask.sum(1).tolist())) > 1
     assert metrics["rollout/weight_mean"] == pytest.approx(1.0, abs=1e-4)  # tis by default
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_estimators_sample_each_row_of_a_group_apart(tiny_tokenizer, estimator):
+    """GRPO and RLOO with 4 samples per prompt: vLLM computes each prompt once (prefix caching)
+    but every row has its own seed, so a group's responses differ; the log-probs still match the
+    trainer's at every step. (No lean toward EOS here: rows that all end at once are alike.)"""
+    trainer = _trainer(
+        tiny_tokenizer, eos_bias=0.0, advantage_estimator=estimator, samples_per_prompt=4, batch_size=2,
+        minibatch_size=8, kl_in="loss", kl_estimator="k3",
+    )  # fmt: skip
+    for _ in range(2):
+        metrics = trainer.step(ENGINE_PROMPTS[-2:])  # the two long prompts, 4 samples each
+        assert metrics["rollout/logprob_diff_max"] < 1e-5, metrics
+        groups = trainer.last_rollout.query_response.view(2, 4, -1)
+        for group in groups:
+            assert len({tuple(row.tolist()) for row in group}) == 4
 
 
 @pytest.mark.parametrize("lora", [False, True])

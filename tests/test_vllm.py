@@ -124,11 +124,12 @@ def test_engine_logprobs_match_the_trainers_at_every_step(tiny_tokenizer, arch, 
 def test_group_estimators_sample_each_row_of_a_group_apart(tiny_tokenizer, estimator):
     """GRPO and RLOO with 4 samples per prompt: vLLM computes each prompt once (prefix caching)
     but every row has its own seed, so a group's responses differ; the log-probs still match the
-    trainer's at every step. (No lean toward EOS here: rows that all end at once are alike.)"""
+    trainer's at every step, in the one-pass update too. (No lean toward EOS here: rows that all end at once are alike.)"""
     trainer = _trainer(
         tiny_tokenizer, eos_bias=0.0, advantage_estimator=estimator, samples_per_prompt=4, batch_size=2,
-        minibatch_size=8, kl_in="loss", kl_estimator="k3",
+        minibatch_size=8, ppo_epochs=1, kl_in="loss", kl_estimator="k3",
     )  # fmt: skip
+    assert trainer.one_pass  # the update's own log-probs are the old ones, measured against q
     for _ in range(2):
         metrics = trainer.step(ENGINE_PROMPTS[-2:])  # the two long prompts, 4 samples each
         assert metrics["rollout/logprob_diff_max"] < 1e-5, metrics

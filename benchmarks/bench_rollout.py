@@ -46,6 +46,8 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_trl_steps import cheap_reward, spread  # noqa: E402
 from rlhf.models.generation import encode_prompts  # noqa: E402
 from rlhf.reward.sources import RewardFunction, RewardTerm  # noqa: E402
 from rlhf.rl.config import PPOConfig  # noqa: E402
@@ -54,15 +56,11 @@ from rlhf.task import corpus  # noqa: E402
 from rlhf.task.tokenizer import train_tokenizer  # noqa: E402
 
 SHAPES = ("tiny", "gpt2-124m", "qwen2-0.5b")
-MISMATCH = (
-    "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/seq_ratio_p05",
-    "rollout/seq_ratio_p95",
-)  # fmt: skip
-
-
-def free_reward(completions, **kwargs) -> list[float]:
-    """Costs nothing on either side: the share of vowels in the text."""
-    return [sum(ch in "aeiou" for ch in c) / max(1, len(c)) for c in completions]
+# The mismatch the trainer logs, and how its per-step values are summed up over the steps.
+MISMATCH = {
+    "rollout/logprob_diff_mean": statistics.median, "rollout/logprob_diff_max": max,
+    "rollout/seq_ratio_p05": min, "rollout/seq_ratio_p95": max,
+}  # fmt: skip
 
 
 def tokenizer():
@@ -109,19 +107,13 @@ def trainer_for(engine: str, lm, tok, B: int, R: int, args) -> PPOTrainer:
     policy = copy.deepcopy(lm)
     return PPOTrainer(
         policy, copy.deepcopy(lm), None, tok, cfg,
-        reward_terms=[RewardTerm(RewardFunction(free_reward, name="vowels"))],
+        reward_terms=[RewardTerm(RewardFunction(cheap_reward, name="vowels"))],
     )  # fmt: skip
 
 
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def spread(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=10) if len(xs) >= 2 else [xs[0]] * 9
-    return {"median": statistics.median(xs), "p10": q[0], "p90": q[-1], "n": len(xs)}
 
 
 def sampled_tokens(response: torch.Tensor, eos: int, engine: str) -> int:
@@ -201,11 +193,9 @@ def point(shape: str, B: int, R: int, tok, args) -> dict:
         }  # fmt: skip
     if mismatch:
         result["mismatch"] = {
-            k.removeprefix("rollout/"): max(m[k] for m in mismatch)
-            if k.endswith("max") or k.endswith("p95")
-            else (min(m[k] for m in mismatch) if k.endswith("p05") else statistics.median(m[k] for m in mismatch))
-            for k in MISMATCH
-        }  # fmt: skip
+            k.removeprefix("rollout/"): summary([m[k] for m in mismatch])
+            for k, summary in MISMATCH.items()
+        }
     for e in list(trainers):
         free(trainers.pop(e))
     return result

@@ -124,7 +124,8 @@ def test_engine_logprobs_match_the_trainers_at_every_step(tiny_tokenizer, arch, 
 def test_group_estimators_sample_each_row_of_a_group_apart(tiny_tokenizer, estimator):
     """GRPO and RLOO with 4 samples per prompt: vLLM computes each prompt once (prefix caching)
     but every row has its own seed, so a group's responses differ; the log-probs still match the
-    trainer's at every step, in the one-pass update too. (No lean toward EOS here: rows that all end at once are alike.)"""
+    trainer's at every step, in the one-pass update too. (No lean toward EOS here: rows that
+    all end at their first token are alike whatever their seeds.)"""
     trainer = _trainer(
         tiny_tokenizer, eos_bias=0.0, advantage_estimator=estimator, samples_per_prompt=4, batch_size=2,
         minibatch_size=8, ppo_epochs=1, kl_in="loss", kl_estimator="k3",
@@ -136,6 +137,22 @@ def test_group_estimators_sample_each_row_of_a_group_apart(tiny_tokenizer, estim
         groups = trainer.last_rollout.query_response.view(2, 4, -1)
         for group in groups:
             assert len({tuple(row.tolist()) for row in group}) == 4
+
+
+def test_an_eos_outside_the_vocabulary_is_no_stop_token(tiny_tokenizer):
+    """vLLM refuses a stop token the model's vocabulary does not hold (a tokenizer whose EOS was
+    added after the model was built); the model cannot emit it, so every row runs to
+    --response-tokens, as in the HF loop."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.add_special_tokens({"eos_token": "<|never|>"})
+    assert tok.eos_token_id == len(tiny_tokenizer)  # one past the model's vocabulary
+    policy = make_lm(tiny_tokenizer, eos_bias=0.0)
+    rm = RewardModel(make_lm(tiny_tokenizer, seed=2), tokenizer=tiny_tokenizer)
+    trainer = PPOTrainer(
+        policy, copy.deepcopy(policy), rm, tok, PPOConfig(**SMALL), reward_tokenizer=tiny_tokenizer
+    )
+    rollout = trainer.rollout(ENGINE_PROMPTS)
+    assert rollout.response_mask.sum(1).tolist() == [SMALL["response_tokens"]] * len(ENGINE_PROMPTS)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -213,24 +230,41 @@ def _ppo_args(root, out, *extra):
     ]  # fmt: skip
 
 
+def _run_args(dtype: str) -> tuple[str, ...]:
+    return ("--sample-every", "1", "--dtype", dtype)
+
+
 @pytest.fixture(scope="module")
 def one_process_run(tiny_tokenizer, tmp_path_factory):
+    """The one-process run of a dtype (made once per module): the folder holding its inputs."""
     from rlhf.cli import main
 
     root = _inputs(tmp_path_factory.mktemp("vllm-inputs"), tiny_tokenizer, make_lm(tiny_tokenizer))
-    assert main(_ppo_args(root, root / "one", "--sample-every", "1")) == 0
-    return root
+    done = set()
+
+    def run(dtype: str):
+        if dtype not in done:
+            assert main(_ppo_args(root, root / f"one-{dtype}", *_run_args(dtype))) == 0
+            done.add(dtype)
+        return root
+
+    return run
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_equal_one(one_process_run, tmp_path, shard):
+@pytest.mark.parametrize(
+    "shard,dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")],
+    ids=["ddp", "fsdp2", "ddp-bf16"],
+)  # fmt: skip
+def test_two_processes_equal_one(one_process_run, tmp_path, shard, dtype):
     """Under torchrun each process runs its own engine on its own rows; the metrics are the
     one-process run's (as the HF engine's are, tests/test_distributed.py). With --shard each
-    weight is all-gathered from the FSDP2 shards to be pushed."""
+    weight is all-gathered from the FSDP2 shards to be pushed. In bf16 too: each engine then
+    runs bf16 kernels over half the rows, and a row's sample must not depend on that."""
     from test_distributed import assert_same_metrics, launch, metrics, torchrun
 
-    root = one_process_run
-    extra = ("--sample-every", "1", *(("--shard",) if shard else ()))
+    root = one_process_run(dtype)
+    one = root / f"one-{dtype}"
+    extra = (*_run_args(dtype), *(("--shard",) if shard else ()))
     [(code, log)] = launch(
         torchrun("--standalone", "--nproc-per-node", "2")
         + _ppo_args(root, tmp_path / "two", *extra)
@@ -243,8 +277,15 @@ def test_two_processes_equal_one(one_process_run, tmp_path, shard):
         rows = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
         return [(r["step"], r["prompt"], r["response"], r["ended"]) for r in rows]
 
-    assert samples(tmp_path / "two") == samples(root / "one") and len(samples(root / "one")) >= 6
-    assert_same_metrics(metrics(tmp_path / "two"), metrics(root / "one"), steps=3, tolerance=1e-3)
+    assert samples(tmp_path / "two") == samples(one) and len(samples(one)) >= 6
+    if dtype == "float32":
+        assert_same_metrics(metrics(tmp_path / "two"), metrics(one), steps=3, tolerance=1e-3)
+    else:
+        # Before any update the statistics agree to bf16's 1% (tests/test_distributed_configs.py's
+        # bar); after one, the trainer's own bf16 update drifts apart between world sizes with
+        # these 15-65 gradient norms (3% by step 2 with the HF engine too), which that file tests.
+        got, want = metrics(tmp_path / "two")[:1], metrics(one)[:1]
+        assert_same_metrics(got, want, steps=1, tolerance=1e-2)
 
 
 def test_an_architecture_vllm_cannot_run_is_one_line_and_exit_2(tiny_tokenizer, tmp_path):

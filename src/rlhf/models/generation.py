@@ -20,6 +20,7 @@ from ..core import first_eos_index
 from ..data import Message, PreferencePair
 from ..errors import ConfigError, InputError
 from .forward import accepts_kwarg, position_ids_from_mask, unique_rows
+from .lean_decode import decoder_for
 
 
 def encode_prompts(
@@ -305,6 +306,9 @@ def sample_responses(
             out = prefill(torch.arange(B, device=device))
         inverse = None
     logits = out.logits[:, -1, :] if inverse is None else out.logits[inverse, -1, :]  # (B, V)
+    cache = out[cache_arg]
+    # The lean step writes the cache through its layers, so only a cache made ready in place here.
+    lean = decoder_for(lm) if inverse is not None else None
     P = mask.shape[1]
     # The mask for every position up front: each step shows the model one more column of it.
     full_mask = torch.cat(
@@ -332,14 +336,18 @@ def sample_responses(
             all_done(local_done) if all_done is not None else local_done
         ) or t == max_new_tokens - 1:
             break
-        out = lm(
-            input_ids=token[:, None],
-            attention_mask=full_mask[:, : P + t + 1],
-            position_ids=next_position,
-            use_cache=True,
-            **{cache_arg: out[cache_arg]},
-        )
-        logits = out.logits[:, -1, :]  # (B, V)
+        step_mask = full_mask[:, : P + t + 1]  # (B, P+t+1)
+
+        def forward(token=token, step_mask=step_mask, position=next_position):
+            return lm(
+                input_ids=token[:, None], attention_mask=step_mask, position_ids=position,
+                use_cache=True, **{cache_arg: cache},
+            ).logits[:, -1, :]  # fmt: skip
+
+        if lean is not None:  # the same modules without the forward's bookkeeping (lean_decode)
+            logits = lean.step(token, step_mask, next_position, cache, forward)
+        else:
+            logits = forward()  # (B, V)
         next_position = next_position + 1
     response = torch.stack(tokens, dim=1)  # (B, R)
     return (response, torch.stack(logprobs, dim=1)) if return_logprobs else response

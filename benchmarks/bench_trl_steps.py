@@ -150,12 +150,14 @@ class Phases:
 
 
 # ----- GRPO ----------------------------------------------------------------------------------
-def ours_grpo(method: str, tok, config, state, response: int, iterations: int) -> PPOTrainer:
+def ours_grpo(
+    method: str, tok, config, state, response: int, iterations: int, compile: bool = False
+) -> PPOTrainer:
     cfg = PPOConfig(
         steps=10**6, batch_size=PROMPTS, samples_per_prompt=SAMPLES,
         minibatch_size=PROMPTS * SAMPLES, ppo_epochs=iterations, response_tokens=response,
         lr=1e-6, kl_coef=0.04, kl_in="loss", kl_estimator="k3", clip_eps=0.2, dtype="float32",
-        advantage_estimator=method, max_grad_norm=1.0,
+        advantage_estimator=method, max_grad_norm=1.0, compile=compile,
     )  # fmt: skip
     lm = fresh(config, state)
     return PPOTrainer(
@@ -164,7 +166,16 @@ def ours_grpo(method: str, tok, config, state, response: int, iterations: int) -
     )  # fmt: skip
 
 
-def trl_grpo(loss_type: str, tok, config, state, response: int, iterations: int, rounds: int):
+def trl_grpo(
+    loss_type: str,
+    tok,
+    config,
+    state,
+    response: int,
+    iterations: int,
+    rounds: int,
+    compile: bool = False,
+):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -177,6 +188,7 @@ def trl_grpo(loss_type: str, tok, config, state, response: int, iterations: int,
         max_grad_norm=1.0, temperature=1.0, top_k=0, top_p=1.0, max_steps=rounds * iterations,
         use_cpu=True, bf16=False, fp16=False, report_to=[], logging_steps=10**6,
         save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        torch_compile=compile,
     )  # fmt: skip
     data = Dataset.from_dict({"prompt": prompts * (rounds + 4)})
     return GRPOTrainer(
@@ -185,8 +197,10 @@ def trl_grpo(loss_type: str, tok, config, state, response: int, iterations: int,
     )  # fmt: skip
 
 
-def grpo_point(method, loss_type, tok, config, state, response, iterations, rounds) -> dict:
-    ours = ours_grpo(method, tok, config, state, response, iterations)
+def grpo_point(
+    method, loss_type, tok, config, state, response, iterations, rounds, compile=(False, False)
+) -> dict:
+    ours = ours_grpo(method, tok, config, state, response, iterations, compile[0])
     prompts = corpus.prompts(PROMPTS, seed=3, split="train")
     ours_phases: list[dict[str, float]] = []
 
@@ -195,7 +209,7 @@ def grpo_point(method, loss_type, tok, config, state, response, iterations, roun
         assert ours.last_rollout.R == response, "every response must run to R tokens"
         ours_phases.append({p: m[f"time/{p}_s"] for p in GRPO_PHASES})
 
-    trainer = trl_grpo(loss_type, tok, config, state, response, iterations, rounds + 2)
+    trainer = trl_grpo(loss_type, tok, config, state, response, iterations, rounds + 2, compile[1])
     phases = Phases()
     phases.wrap(trainer, "_generate_single_turn", "generate")
     phases.wrap(trainer, "_calculate_rewards", "score")
@@ -232,6 +246,7 @@ def grpo_point(method, loss_type, tok, config, state, response, iterations, roun
 
 
 def summarise(ours, trl, ours_phases, trl_phases, names) -> dict:
+    first = {"rlhf_first_s": ours[0], "trl_first_s": trl[0]}  # with any compiling
     ours, trl = ours[2:], trl[2:]
     ratios = [t / o for t, o in zip(trl, ours)]
     return {
@@ -242,6 +257,7 @@ def summarise(ours, trl, ours_phases, trl_phases, names) -> dict:
             p: statistics.median(r.get(p, 0.0) for r in ours_phases[2:]) for p in names
         },
         "trl_phases": {p: statistics.median(r.get(p, 0.0) for r in trl_phases[2:]) for p in names},
+        **first,
     }
 
 
@@ -320,6 +336,12 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="grpo,rloo,dr_grpo,dpo", help="which steps to measure")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--compile", action="store_true", help="rlhf side: --compile (torch.compile, dynamic)"
+    )
+    parser.add_argument(
+        "--trl-compile", action="store_true", help="TRL side: torch_compile=True in GRPOConfig"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     only = args.only.split(",")
@@ -336,11 +358,12 @@ def main(argv=None) -> None:
                 for method in (m for m in ("grpo", "rloo", "dr_grpo") if m in only):
                     r = grpo_point(
                         method, pairing[method], tok, config, state, response, iterations,
-                        args.rounds,
+                        args.rounds, (args.compile, args.trl_compile),
                     )  # fmt: skip
                     results.append(
                         {"step": method, "trl_loss_type": pairing[method], "size": size,
-                         "response": response, "iterations": iterations, **r}
+                         "response": response, "iterations": iterations,
+                         "rlhf_compile": args.compile, "trl_compile": args.trl_compile, **r}
                     )  # fmt: skip
                     report(results[-1])
     if args.json:
@@ -360,7 +383,8 @@ def report(r: dict) -> None:
     phases = lambda d: " ".join(f"{k}={v:.3f}" for k, v in d.items())  # noqa: E731
     print(
         f"{where}  rlhf {r['rlhf_s']['median']:.3f}s  trl {r['trl_s']['median']:.3f}s  "
-        f"trl/rlhf {ratio['median']:.2f}x [{ratio['p10']:.2f}, {ratio['p90']:.2f}]\n"
+        f"trl/rlhf {ratio['median']:.2f}x [{ratio['p10']:.2f}, {ratio['p90']:.2f}]  "
+        f"first rounds {r['rlhf_first_s']:.1f}s / {r['trl_first_s']:.1f}s\n"
         f"    rlhf: {phases(r['rlhf_phases'])}\n    trl:  {phases(r['trl_phases'])}",
         flush=True,
     )

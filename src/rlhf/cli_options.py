@@ -150,8 +150,8 @@ OPTION_GROUP = {
         "advantages",
     ),
     **dict.fromkeys(
-        ("rollout_batch_size", "gradient_checkpointing", "dtype", "fp32_lm_head", "shard",
-         "gather_for_sampling"),
+        ("rollout_batch_size", "gradient_checkpointing", "compile", "dtype", "fp32_lm_head",
+         "shard", "gather_for_sampling"),
         "memory and speed",
     ),
     **dict.fromkeys(("n_pairs", "label_temperature"), "preference data"),

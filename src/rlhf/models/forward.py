@@ -311,3 +311,29 @@ def disable_dropout(model: nn.Module) -> nn.Module:
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
     return model
+
+
+# Distinct graphs one compiled forward may need in a run: sampling's prefill and decode step, the
+# shared-prompt passes with and without gradients, a LoRA policy's reference with its adapters off,
+# each with a shape it specialised on. torch's default of 8 falls back to eager before the end.
+COMPILED_GRAPHS = 64
+
+
+def compile_forward(model: nn.Module) -> None:
+    """Compile the forward of the Hugging Face model inside `model`'s wrappers (in place, with
+    `torch.compile(dynamic=True)`: one graph serves every batch, prompt and response length).
+    The first steps spend time compiling; the numbers are the eager forward's up to rounding."""
+    import torch._dynamo
+
+    inner = unwrap(model)
+    if getattr(inner, "_compiled_call_impl", None) is not None:
+        return
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), COMPILED_GRAPHS))
+    inner.compile(dynamic=True)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    return getattr(unwrap(model), "_compiled_call_impl", None) is not None

@@ -13,7 +13,7 @@ checks that on the first step it takes for each kind of batch (padded or not, dt
 they differ at all, that model keeps the forward. Families it knows: Llama, Mistral, Qwen2, Qwen3
 (decoder layers of norm, attention, norm, MLP with rotary embeddings) and GPT-2. Anything else
 (other architectures, a cache past a sliding window, FSDP-sharded modules, attention kernels other
-than SDPA and eager) keeps the forward. `RLHF_LEAN_DECODE=0` turns it off.
+than SDPA and eager, a forward compiled by `--compile`) keeps the forward. `RLHF_LEAN_DECODE=0` turns it off.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .forward import unwrap
+from .forward import is_compiled, unwrap
 
 ROTARY_FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 GPT2_FAMILY = {"GPT2LMHeadModel"}
@@ -47,7 +47,7 @@ def enabled() -> bool:
 
 def decoder_for(lm: nn.Module) -> LeanDecoder | None:
     """The lean decoder of `lm` (made once per model), or None where it does not apply."""
-    if not enabled():
+    if not enabled() or is_compiled(lm):  # a compiled forward is the faster one
         return None
     if lm not in _decoders:
         _decoders[lm] = LeanDecoder.build(lm)

@@ -34,6 +34,7 @@ from ..models.forward import (
     accepts_kwarg,
     autocast,
     cast_frozen,
+    compile_forward,
     compute_dtype,
     device_of,
     disable_dropout,
@@ -253,6 +254,8 @@ class PPOTrainer(PPOUpdate):
                     disable_dropout(model)
                     enable_checkpointing(model)
         check_world(cfg, self.world)
+        if cfg.shard and cfg.compile:
+            raise ConfigError("--compile does not take --shard yet: compile a data-parallel run")
         if cfg.shard and (is_peft(self.policy.lm) or shares_base):
             raise ConfigError(
                 "--shard does not take LoRA models (--lora-r, or a LoRA reward model on the "
@@ -265,6 +268,10 @@ class PPOTrainer(PPOUpdate):
             [self.ref_model, None if shares_base else self.reward_model],
             shard=cfg.shard,
         )
+        if cfg.compile:
+            for model in (self.policy.lm, self.ref_model):
+                if model is not None:
+                    compile_forward(model)
         params = self.params = [p for p in self.trained.parameters() if p.requires_grad]
         # eps 1e-5 as in lm-human-preferences' Adam. The fused kernel updates every tensor in one
         # pass (the default of transformers' Trainer too); it needs floating-point CPU/CUDA params.

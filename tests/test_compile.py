@@ -1,0 +1,64 @@
+"""--compile: the policy's and the reference's forward through torch.compile. The run must compute
+what the eager one does, up to float rounding, with the compiled graphs actually in use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from conftest import make_eos_biased_lm
+from rlhf.errors import ConfigError
+from rlhf.models.forward import is_compiled
+from rlhf.reward.sources import RewardFunction, RewardTerm
+from rlhf.rl.config import PPOConfig
+from rlhf.rl.trainer import PPOTrainer
+
+PROMPTS = ["the plot", "this phone is great . the battery", "i watched this film and", "the"]
+
+
+def _length(completions, **kwargs) -> list[float]:
+    return [len(c) / 20 for c in completions]
+
+
+def _trainer(tok, **config) -> PPOTrainer:
+    cfg = PPOConfig(
+        batch_size=4, samples_per_prompt=2, minibatch_size=8, ppo_epochs=2, response_tokens=6,
+        lr=1e-3, advantage_estimator="grpo", **config,
+    )  # fmt: skip
+    return PPOTrainer(
+        make_eos_biased_lm(tok, "llama", seed=0), make_eos_biased_lm(tok, "llama", seed=1), None,
+        tok, cfg, reward_terms=[RewardTerm(RewardFunction(_length, name="length"))],
+    )  # fmt: skip
+
+
+def test_a_compiled_step_computes_the_eager_one(tiny_tokenizer):
+    eager, compiled = _trainer(tiny_tokenizer), _trainer(tiny_tokenizer, compile=True)
+    assert is_compiled(compiled.policy.lm) and is_compiled(compiled.ref_model)
+    assert not is_compiled(eager.policy.lm)
+    torch._dynamo.utils.counters.clear()
+    a, b = eager.step(PROMPTS), compiled.step(PROMPTS)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 3  # sampling, the reference pass and the update, at least
+    assert eager.last_rollout.texts == compiled.last_rollout.texts  # the same samples
+    lengths = {len(t) for t in eager.last_rollout.texts}
+    assert len(lengths) > 1  # responses of several lengths went through the same graphs
+    for key in ("objective/reward", "objective/kl", "loss/policy", "policy/entropy",
+                "policy/grad_norm", "policy/approxkl"):  # fmt: skip
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert b["rollout/logprob_diff_max"] < 1e-5  # the sampler's log-probs are the update's
+    for (name, p), q in zip(eager.policy.lm.named_parameters(), compiled.policy.lm.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    moved = max(
+        (p - p0).abs().max().item()
+        for p, p0 in zip(
+            eager.policy.lm.parameters(),
+            make_eos_biased_lm(tiny_tokenizer, "llama", seed=0).parameters(),
+        )
+    )
+    assert moved > 1e-4  # the update changed the weights, so equal weights mean equal updates
+
+
+def test_compile_with_shard_is_refused(tiny_tokenizer):
+    with pytest.raises(ConfigError, match="--compile does not take --shard"):
+        _trainer(tiny_tokenizer, compile=True, shard=True)

@@ -6,7 +6,7 @@ for bench_ppo.py, which still has PPOTrainer; this benchmark needs the newer tra
     python -m venv /tmp/trl16 && . /tmp/trl16/bin/activate
     pip install -c constraints.txt -e ".[bench-trl]"
     python benchmarks/bench_trl_steps.py [--rounds 10] [--sizes 4x192,8x384] [--responses 24,64]
-        [--iterations 1,2] [--only grpo,rloo,dr_grpo,dpo] [--json out.json]
+        [--iterations 1,2] [--only grpo,rloo,dr_grpo,dpo] [--compile] [--trl-compile] [--json out.json]
 
 Both sides get copies of the same random-init Llama (layers x hidden), the project's 1,024-token
 tokenizer, fp32 and 2 threads. The sides alternate step by step: TRL's own training loop runs, and
@@ -276,7 +276,9 @@ def dpo_pairs(tok, n: int = 256, seed: int = 5) -> dict[str, list[str]]:
     }
 
 
-def dpo_point(tok, config, state, rounds: int, batch: int = 16) -> dict:
+def dpo_point(
+    tok, config, state, rounds: int, batch: int = 16, compile: tuple[bool, bool] = (False, False)
+) -> dict:
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
@@ -294,6 +296,10 @@ def dpo_point(tok, config, state, rounds: int, batch: int = 16) -> dict:
     policy, ref = fresh(config, state), fresh(config, state).requires_grad_(False)
     device = torch.device("cpu")
     ref_logps = batched_logps(ref, chosen, rejected, tok.pad_token_id, device, batch)  # (n, 2)
+    if compile[0]:
+        from rlhf.models.forward import compile_forward
+
+        compile_forward(policy)
     step = DPOStep(policy, lr=1e-6, total_steps=n // batch, beta=0.1)
     order = list(range(n))
     ours_phases: list[dict[str, float]] = []
@@ -314,7 +320,7 @@ def dpo_point(tok, config, state, rounds: int, batch: int = 16) -> dict:
         learning_rate=1e-6, max_grad_norm=1.0, num_train_epochs=epochs,
         max_steps=rounds + 2, precompute_ref_log_probs=True, use_cpu=True, bf16=False,
         report_to=[], logging_steps=10**6, save_strategy="no", disable_tqdm=True, seed=0,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, torch_compile=compile[1],
     )  # fmt: skip
     trainer = DPOTrainer(
         model=fresh(config, state), args=args, train_dataset=Dataset.from_dict(data),
@@ -350,8 +356,11 @@ def main(argv=None) -> None:
     for size in args.sizes.split(","):
         tok, config, state = build(size)
         if "dpo" in only:
-            r = dpo_point(tok, config, state, args.rounds)
-            results.append({"step": "dpo", "size": size, **r})
+            r = dpo_point(tok, config, state, args.rounds, compile=(args.compile, args.trl_compile))
+            results.append(
+                {"step": "dpo", "size": size, "rlhf_compile": args.compile,
+                 "trl_compile": args.trl_compile, **r}
+            )  # fmt: skip
             report(results[-1])
         for response in (int(x) for x in args.responses.split(",")):
             for iterations in (int(x) for x in args.iterations.split(",")):

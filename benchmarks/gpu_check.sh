@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call: bf16's step-0 KL and trained dtypes, the test suite with CUDA visible, `rlhf demo`, a LoRA PPO run in
-# bf16, one process under torchrun with NCCL (DDP and --shard), DPO with LoRA, the vLLM rollout engine
+# bf16, one process under torchrun with NCCL (DDP and --shard), DPO with LoRA, GRPO with --compile, the vLLM rollout engine
 # against the HF loop (skipped without vllm), and the memory/time
 # benchmark at GPT-2-124M size on the GPU (SKIP_BENCH=1 leaves it out). Run from the repository root on a CUDA machine; results go to $OUT (default
 # /tmp/gpu-check). Wheels in .whl/ (packages the machine lacks) are installed to /tmp/site first.
@@ -50,6 +50,19 @@ cp /tmp/demo/summary.json "$OUT/demo_summary.json" 2>/dev/null
 step "LoRA PPO, bf16, merged"
 python3 -m rlhf ppo --lora-r 16 --merge-lora --steps 20 --out /tmp/lora 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -6 | tee -a "$OUT/summary.txt"
 python3 -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('/tmp/lora/policy-merged'); print('merged policy loads:', type(m).__name__)" 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+
+step "--compile on CUDA (issue 24): GRPO on the built-in task, compiled against eager, bf16"
+for c in no-compile compile; do
+    timeout 300 python3 -m rlhf ppo --advantage-estimator grpo --samples-per-prompt 4 --steps 8 --$c --out /tmp/grpo-$c 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s" | tail -1 | tee -a "$OUT/summary.txt"
+done
+python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, statistics
+rows = {c: [json.loads(l) for l in open(f"/tmp/grpo-{c}/metrics.jsonl")] for c in ("no-compile", "compile")}
+for c, r in rows.items():
+    print(c, "first step %.1f s, median of the last 4 %.3f s, reward at step 8 %.3f, KL %.4f" % (
+        r[0]["time/step_s"], statistics.median(x["time/step_s"] for x in r[-4:]), r[-1]["objective/reward"], r[-1]["objective/kl"]))
+PY
 
 step "tests with CUDA visible"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25

@@ -62,3 +62,31 @@ def test_a_compiled_step_computes_the_eager_one(tiny_tokenizer):
 def test_compile_with_shard_is_refused(tiny_tokenizer):
     with pytest.raises(ConfigError, match="--compile does not take --shard"):
         _trainer(tiny_tokenizer, compile=True, shard=True)
+
+
+def test_a_compiled_dpo_step_computes_the_eager_one(tiny_tokenizer):
+    from rlhf.models.forward import compile_forward
+    from rlhf.reward.preferences import Pairs
+    from rlhf.rl.dpo import DPOStep, batched_logps, encode_pairs
+
+    tok = tiny_tokenizer
+    prompts = ["the plot", "this phone is great .", "i watched this film and", "the"]
+    chosen_text = [" was fine", " the battery lasts", " loved it", " best film ever made"]
+    rejected_text = [" was bad", " broke", " hated every minute of it", " worst"]
+    pairs = Pairs(prompts, chosen_text, rejected_text, [None] * 4)
+    chosen, rejected, _ = encode_pairs(tok, pairs, 64)
+    ref = make_eos_biased_lm(tok, "llama", seed=1).requires_grad_(False)
+    ref_logps = batched_logps(ref, chosen, rejected, tok.pad_token_id, torch.device("cpu"), 4)
+    out = []
+    for compiled in (False, True):
+        policy = make_eos_biased_lm(tok, "llama", seed=0)
+        if compiled:
+            compile_forward(policy)
+        step = DPOStep(policy, lr=1e-3, total_steps=4, beta=0.1)
+        (loss, r_c, r_r), _ = step.run(chosen, rejected, ref_logps, tok.pad_token_id)
+        out.append((loss, r_c, policy))
+    assert is_compiled(out[1][2]) and not is_compiled(out[0][2])
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-6)
+    for p, q in zip(out[0][2].parameters(), out[1][2].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)

@@ -97,7 +97,7 @@ def test_lean_sampling_is_the_forwards_bit_for_bit(arch, dtype, monkeypatch):
         lean = _sample(lm, padded, monkeypatch, lean=True)
         decoder = lean_decode.decoder_for(lm)
         # checked on its first step against the forward, then used for the other ten
-        assert decoder is not None and decoder.verdicts[(padded, dtype, torch.device("cpu"))]
+        assert decoder is not None and decoder.verdicts[(padded, dtype, torch.device("cpu"), False)]
         assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])
         again = _sample(lm, padded, monkeypatch, lean=True)
         assert torch.equal(plain[0], again[0]) and torch.equal(plain[1], again[1])
@@ -114,7 +114,10 @@ def test_lean_step_logits_equal_the_forward_with_lora(monkeypatch):
     calls = _count_lean_steps(monkeypatch)
     plain = _sample(lm, True, monkeypatch, lean=False)
     lean = _sample(lm, True, monkeypatch, lean=True)
-    assert calls[0] == 11 and lean_decode.decoder_for(lm).verdicts[(True, torch.float32, lm.device)]
+    assert (
+        calls[0] == 11
+        and lean_decode.decoder_for(lm).verdicts[(True, torch.float32, lm.device, False)]
+    )
     assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])
     with lm.disable_adapter():  # the base alone samples otherwise: the adapter made a difference
         base = _sample(lm, True, monkeypatch, lean=False)
@@ -128,7 +131,7 @@ def test_a_lean_step_that_differs_falls_back_to_the_forward(monkeypatch):
     monkeypatch.setattr(lean_decode.LeanDecoder, "_logits", lambda self, *a: inner(self, *a) + 1e-6)
     out = _sample(lm, True, monkeypatch, lean=True)
     assert lean_decode.decoder_for(lm).verdicts == {
-        (True, torch.float32, torch.device("cpu")): False
+        (True, torch.float32, torch.device("cpu"), False): False
     }
     assert torch.equal(plain[0], out[0]) and torch.equal(plain[1], out[1])
 
@@ -143,7 +146,7 @@ def test_a_lean_step_that_raises_falls_back_to_the_forward(monkeypatch):
     monkeypatch.setattr(lean_decode.LeanDecoder, "_gpt2", broken)
     out = _sample(lm, False, monkeypatch, lean=True)
     assert lean_decode.decoder_for(lm).verdicts == {
-        (False, torch.float32, torch.device("cpu")): False
+        (False, torch.float32, torch.device("cpu"), False): False
     }
     assert torch.equal(plain[0], out[0]) and torch.equal(plain[1], out[1])
 
@@ -169,4 +172,19 @@ def test_a_sliding_window_model_keeps_the_forward(monkeypatch):
     plain = _sample(lm, False, monkeypatch, lean=False)
     lean = _sample(lm, False, monkeypatch, lean=True)
     assert calls[0] == 0
+    assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lean_sampling_under_bf16_autocast(arch, monkeypatch):
+    """The trainer's bf16: fp32 weights, products in bf16 under autocast. Same tokens, same bits."""
+    lm = _model(arch)
+    calls = _count_lean_steps(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _sample(lm, True, monkeypatch, lean=False)
+        lean = _sample(lm, True, monkeypatch, lean=True)
+    assert calls[0] == 11
+    assert lean_decode.decoder_for(lm).verdicts == {
+        (True, torch.float32, torch.device("cpu"), True): True
+    }
     assert torch.equal(plain[0], lean[0]) and torch.equal(plain[1], lean[1])

@@ -9,7 +9,8 @@ of a step (a 4-layer x 192 Llama, 64 rows: 6.2 ms a step through the forward, 4.
 `LeanDecoder` runs the model's own modules in the forward's order: its norms, projections (LoRA
 adapters included, they live inside the projections), rotary embedding, dropout, attention
 function and cache. Its logits are therefore the forward's bit for bit, and `sample_responses`
-checks that on the first step it takes for each kind of batch (padded or not, dtype, device): if
+checks that on the first step it takes for each kind of batch (padded or not, dtype, device,
+autocast): if
 they differ at all, that model keeps the forward. Families it knows: Llama, Mistral, Qwen2, Qwen3
 (decoder layers of norm, attention, norm, MLP with rotary embeddings) and GPT-2. Anything else
 (other architectures, a cache past a sliding window, FSDP-sharded modules, attention kernels other
@@ -69,10 +70,16 @@ class LeanDecoder:
     """The decode step of one model; `build` returns None for a model it does not know."""
 
     def __init__(self, model: nn.Module, family: str, window: int | None = None):
-        self.model, self.family = model, family  # the transformers model inside any wrappers
+        # The transformers model inside any wrappers, held weakly: the decoder is the value of a
+        # weak-key entry whose key may be this very model, which a strong reference keeps alive.
+        self._model, self.family = weakref.ref(model), family
         self.config = model.config
         self.window = window  # past it the forward's mask is a sliding one: the forward runs
-        self.verdicts: dict[tuple, bool] = {}  # (padded, dtype, device) -> checked equal
+        self.verdicts: dict[tuple, bool] = {}  # (padded, dtype, device, autocast) -> checked equal
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model()
 
     @classmethod
     def build(cls, lm: nn.Module) -> LeanDecoder | None:
@@ -111,7 +118,9 @@ class LeanDecoder:
         if self.window is not None and attention_mask.shape[-1] > self.window:
             return forward()
         padded = not bool(attention_mask.all())
-        key = (padded, next(self.model.parameters()).dtype, token.device)
+        device = token.device
+        key = (padded, next(self.model.parameters()).dtype, device,
+               torch.is_autocast_enabled(device.type))  # fmt: skip
         verdict = self.verdicts.get(key)
         if verdict is False:
             return forward()

@@ -96,7 +96,7 @@ class PPOConfig(RolloutArgs):
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"""
     compile: bool = False
-    """compile the policy's and the reference's forward passes with torch.compile (dynamic shapes): the first steps spend a minute or more compiling, later steps run faster (a 4-layer x 192 Llama on 2 CPU cores: a GRPO step 1.3x faster after about 90 s); the numbers are the eager forward's up to float rounding"""
+    """compile the policy's and the reference's forward passes with torch.compile (dynamic shapes): the first steps spend a minute or more compiling, later steps run faster (a 4-layer x 192 Llama on 2 CPU cores: a GRPO step 1.3x faster after 25-90 s); the numbers are the eager forward's up to float rounding"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype of the matrix products (autocast); the frozen matmul weights (reference, reward model, a LoRA policy's base) are stored in it, while embeddings, norms, the residual stream, the heads and every trained weight stay float32. auto: bfloat16 on a CUDA GPU that has it, else float32"""
     fp32_lm_head: bool = True

@@ -25,6 +25,7 @@ from ..data import atomic_write_json, write_jsonl
 from ..models.forward import (
     accepts_kwarg,
     autocast,
+    compile_forward,
     position_ids_from_mask,
     shared_prompt_logits,
 )
@@ -328,6 +329,8 @@ def train_dpo(
     set_seed(cfg.seed)  # after loading: a cold cache trains the base model and draws from the RNG
     policy.to(device)
     ref.to(device)
+    if cfg.compile:
+        compile_forward(policy)  # a LoRA reference (the adapters off) runs through it too
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, cfg, command="dpo")
 

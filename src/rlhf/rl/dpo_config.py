@@ -76,6 +76,8 @@ class DPOConfig(LoraArgs, TrackingArgs):
     """allow model folders to run their own Python code (only for models you trust)"""
     chat_template: bool = False
     """wrap each text prompt in the tokenizer's chat template as a user turn (as train-reward and ppo do with it); conversational data is always rendered with the template"""
+    compile: bool = False
+    """compile the policy's forward pass with torch.compile (dynamic shapes): the first steps spend a minute or more compiling, later steps run faster; the numbers are the eager forward's up to float rounding"""
     merge_lora: bool = False
     """with --lora-r: also write policy-merged/, the adapter folded into the weights (plain transformers loads it)"""
     eos_token: str | None = None

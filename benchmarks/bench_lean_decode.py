@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -22,6 +21,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf.models.generation import sample_responses
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_trl_steps import spread  # noqa: E402
 
 VOCAB, PROMPT, DISTINCT = 1024, 20, 16
 
@@ -41,11 +43,6 @@ def make(name: str):
         num_key_value_heads=hidden // 48, max_position_embeddings=256,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
-
-
-def spread(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=10) if len(xs) >= 2 else [xs[0]] * 9
-    return {"median": statistics.median(xs), "p10": q[0], "p90": q[-1]}
 
 
 def point(lm, rows: int, response: int, rounds: int) -> dict:

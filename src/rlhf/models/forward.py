@@ -325,14 +325,13 @@ def compile_forward(model: nn.Module) -> None:
     The first steps spend time compiling; the numbers are the eager forward's up to rounding."""
     import torch._dynamo
 
-    inner = unwrap(model)
-    if getattr(inner, "_compiled_call_impl", None) is not None:
+    if is_compiled(model):
         return
     config = torch._dynamo.config
     for name in ("recompile_limit", "accumulated_recompile_limit"):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), COMPILED_GRAPHS))
-    inner.compile(dynamic=True)
+    unwrap(model).compile(dynamic=True)
 
 
 def is_compiled(model: nn.Module) -> bool:

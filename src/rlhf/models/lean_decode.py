@@ -4,22 +4,23 @@ Shapes: B rows, S positions in the cache after this step, V vocabulary, H hidden
 
 Sampling runs the model once per token on one new position per row. Around the layers' own work,
 transformers' forward builds the attention mask, passes every call through its decorators, keyword
-handling and output classes; on the CPU at the sizes people try RLHF on, that costs a large share
-of a step (a 4-layer x 192 Llama, 64 rows: 6.2 ms a step through the forward, 4.5 ms without).
-`LeanDecoder` runs the model's own modules in the forward's order: its norms, projections (LoRA
-adapters included, they live inside the projections), rotary embedding, dropout, attention
-function and cache. Its logits are therefore the forward's bit for bit, and `sample_responses`
-checks that on the first step it takes for each kind of batch (padded or not, dtype, device,
-autocast): if
-they differ at all, that model keeps the forward. Families it knows: Llama, Mistral, Qwen2, Qwen3
-(decoder layers of norm, attention, norm, MLP with rotary embeddings) and GPT-2. Anything else
-(other architectures, a cache past a sliding window, FSDP-sharded modules, attention kernels other
-than SDPA and eager, a forward compiled by `--compile`) keeps the forward. `RLHF_LEAN_DECODE=0` turns it off.
+handling and output classes. `LeanDecoder` runs the model's own modules in the forward's order:
+its norms, projections (LoRA adapters included, they live inside the projections), rotary
+embedding, dropout, attention function and cache. Its logits are therefore the forward's bit for
+bit, and `sample_responses` checks that on the first step of each kind of batch (padded or not,
+dtype, device, autocast): if they differ at all, that model keeps the forward. Sampling gains
+1.02-1.12x on the CPU (`benchmarks/bench_lean_decode.py`).
+
+Families it knows: Llama, Mistral, Qwen2, Qwen3 (decoder layers of norm, attention, norm, MLP with
+rotary embeddings) and GPT-2. Anything else (other architectures, a cache past a sliding window,
+FSDP-sharded modules, attention kernels other than SDPA and eager, a forward compiled by
+`--compile`) keeps the forward. `RLHF_LEAN_DECODE=0` turns it off.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from collections.abc import Callable
 
@@ -37,13 +38,11 @@ ATTENTION_KINDS = {"sdpa", "eager"}
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+OFF = {"0", "false", "no", "off"}
+
+
 def enabled() -> bool:
-    return os.environ.get("RLHF_LEAN_DECODE", "1").strip().lower() not in (
-        "0",
-        "false",
-        "no",
-        "off",
-    )
+    return os.environ.get("RLHF_LEAN_DECODE", "1").strip().lower() not in OFF
 
 
 def decoder_for(lm: nn.Module) -> LeanDecoder | None:
@@ -76,6 +75,9 @@ class LeanDecoder:
         self.config = model.config
         self.window = window  # past it the forward's mask is a sliding one: the forward runs
         self.verdicts: dict[tuple, bool] = {}  # (padded, dtype, device, autocast) -> checked equal
+        # The functions of the model's own modeling file, looked up once, not at every layer.
+        self.modeling = sys.modules[type(model).__module__]
+        self.attention_functions: dict[str, Callable] = {}  # attention implementation -> function
 
     @property
     def model(self) -> nn.Module:
@@ -139,27 +141,32 @@ class LeanDecoder:
         return self._logits(token, mask, position, cache)
 
     def _logits(self, token, mask, position, cache) -> torch.Tensor:
-        hidden = (
-            self._rotary(token, mask, position, cache)
-            if self.family == "rotary"
-            else (self._gpt2(token, mask, position, cache))
-        )  # (B, 1, H)
+        if self.family == "rotary":
+            hidden = self._rotary(token, mask, position, cache)  # (B, 1, H)
+        else:
+            hidden = self._gpt2(token, mask, position, cache)
         return self.model.lm_head(hidden)[:, -1, :]  # (B, V)
 
     def _attention(self, attn, q, k, v, mask, cache):
         """The model's own attention function over the cache, as its attention module calls it."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         k, v = cache.layers[attn.layer_idx].update(k, v)  # (B, kv heads, S, head dim)
-        function = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, _eager_function(attn)
-        )
+        kind = self.config._attn_implementation
+        function = self.attention_functions.get(kind)
+        if function is None:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            if getattr(attn, "reorder_and_upcast_attn", False):
+                raise NotImplementedError("GPT-2's reordered attention")
+            # Its forward's default where the implementation is not registered: eager.
+            function = ALL_ATTENTION_FUNCTIONS.get_interface(
+                kind, self.modeling.eager_attention_forward
+            )
+            self.attention_functions[kind] = function
         out, _ = function(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
         return out.reshape(*out.shape[:-2], -1).contiguous()  # (B, 1, heads x head dim)
 
     def _rotary(self, token, mask, position, cache):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+        apply_rotary_pos_emb = self.modeling.apply_rotary_pos_emb  # the family's own
         body = self.model.model
         x = body.embed_tokens(token[:, None])  # (B, 1, H)
         cos, sin = body.rotary_emb(x, position_ids=position)
@@ -186,13 +193,3 @@ class LeanDecoder:
             x = x + attn.resid_dropout(attn.c_proj(self._attention(attn, q, k, v, mask, cache)))
             x = x + block.mlp(block.ln_2(x))
         return body.ln_f(x)
-
-
-def _eager_function(attn: nn.Module):
-    """The eager attention function of the module's own modeling file (its forward's default)."""
-    import sys
-
-    module = sys.modules[type(attn).__module__]
-    if getattr(attn, "reorder_and_upcast_attn", False):
-        raise NotImplementedError("GPT-2's reordered attention")
-    return module.eager_attention_forward
